@@ -1,0 +1,44 @@
+# embtab: `make demo` and `make test` each set the environment up first on a fresh machine.
+#
+# EMBTAB_DEVICE=cpu (default) installs fbgemm's CPU build; EMBTAB_DEVICE=cuda installs the CUDA build
+# of fbgemm-gpu next to PyPI's CUDA torch (for GPU machines).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+EMBTAB_DEVICE ?= cpu
+STAMP := $(VENV)/.installed-$(EMBTAB_DEVICE)
+OUT ?= results
+
+ifeq ($(EMBTAB_DEVICE),cuda)
+FBGEMM := fbgemm-gpu==1.8.0
+else ifeq ($(EMBTAB_DEVICE),cpu)
+FBGEMM := fbgemm-gpu-cpu==1.8.0
+else
+$(error EMBTAB_DEVICE must be cpu or cuda, got $(EMBTAB_DEVICE))
+endif
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0 $(FBGEMM)
+	# torchrec declares the CUDA fbgemm-gpu as a dependency: install it alone, its real deps below.
+	$(PY) -m pip install --quiet --no-deps torchrec==1.8.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+demo: setup
+	$(PY) -m experiments.demo --out $(OUT)/demo
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) -m experiments.bench_methods --out $(OUT)/bench_methods.json
+
+clean:
+	rm -rf $(VENV) $(OUT)

@@ -1,0 +1,22 @@
+"""embtab: compressed, sharded, offloadable embedding tables for recommender models on torchrec."""
+
+from embtab.collection import EmbeddingOutput, EmbeddingTables, MemoryReport, TableBytes
+from embtab.config import EmbeddingSpec, FeatureSpec, LogicalTable, MethodSpec, SparseOptimizer
+from embtab.methods import METHODS, FullTable
+from embtab.shard import dense_parameters, fuse
+
+__all__ = [
+    "EmbeddingOutput",
+    "EmbeddingSpec",
+    "EmbeddingTables",
+    "FeatureSpec",
+    "FullTable",
+    "LogicalTable",
+    "METHODS",
+    "MemoryReport",
+    "MethodSpec",
+    "SparseOptimizer",
+    "TableBytes",
+    "dense_parameters",
+    "fuse",
+]

@@ -1,0 +1,453 @@
+"""`EmbeddingTables`: every method's physical tables in one fused torchrec collection.
+
+The forward pass is the three steps of DESIGN.md: remap logical ids to physical rows (per method,
+vectorized), look every physical feature up at once (one `EmbeddingBagCollection` for pooled
+lookups, one `EmbeddingCollection` per width for per-id lookups), combine physical vectors back into
+logical ones. The collections are stock torchrec modules, so `embtab.fuse` / `DistributedModelParallel`
+swaps them for fbgemm's fused kernels and shards them like any torchrec model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from torchrec import (
+    EmbeddingBagCollection,
+    EmbeddingBagConfig,
+    EmbeddingCollection,
+    EmbeddingConfig,
+    JaggedTensor,
+    KeyedJaggedTensor,
+    KeyedTensor,
+)
+
+from embtab.config import EmbeddingSpec, FeatureSpec, LogicalTable, SparseOptimizer
+from embtab.methods.base import PhysicalTable, TableMethod
+
+POOLED_BUCKET = "pooled"
+
+
+class EmbeddingOutput(NamedTuple):
+    """What `EmbeddingTables` returns: torchrec's outputs for pooled and for sequence features."""
+
+    pooled: KeyedTensor | None
+    sequence: dict[str, JaggedTensor]
+
+
+@dataclass(frozen=True)
+class TableBytes:
+    """Bytes of one physical table: float32 weights plus its fused optimizer's state."""
+
+    rows: int
+    dim: int
+    parameter_bytes: int
+    optimizer_bytes: int
+
+    @property
+    def total(self) -> int:
+        return self.parameter_bytes + self.optimizer_bytes
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """Per physical table bytes, the methods' own parameters, and the total."""
+
+    tables: dict[str, TableBytes]
+    method_bytes: int
+
+    @property
+    def parameter_bytes(self) -> int:
+        return sum(t.parameter_bytes for t in self.tables.values()) + self.method_bytes
+
+    @property
+    def optimizer_bytes(self) -> int:
+        return sum(t.optimizer_bytes for t in self.tables.values())
+
+    @property
+    def total(self) -> int:
+        return self.parameter_bytes + self.optimizer_bytes
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """The ids of one logical table's features for one physical table (probe `probe`)."""
+
+    table: str
+    probe: int
+    keys: tuple[str, ...]
+    bucket: str
+
+
+class EmbeddingTables(nn.Module):
+    """Compressed (or full) embedding tables for every sparse feature of a model.
+
+    Takes a `KeyedJaggedTensor` of logical ids and returns an `EmbeddingOutput`: a `KeyedTensor`
+    of pooled features ``[B, sum of widths]`` and a `JaggedTensor` per sequence feature.
+
+    Example::
+
+        spec = EmbeddingSpec(features=(FeatureSpec("user", 100), FeatureSpec("item", 50)), dim=8)
+        tables = EmbeddingTables(spec)
+        kjt = KeyedJaggedTensor.from_lengths_sync(
+            keys=["user", "item"], values=torch.tensor([3, 7, 1, 2]), lengths=torch.tensor([1, 1, 1, 1])
+        )
+        tables(kjt).pooled.values().shape  # torch.Size([2, 16])
+    """
+
+    def __init__(self, spec: EmbeddingSpec, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.spec = spec
+        self.sparse_optimizer: SparseOptimizer | None = None
+        logical = spec.tables()
+        self.methods = nn.ModuleDict({t.name: t.method.build(t) for t in logical})
+        self._logical = {t.name: t for t in logical}
+        self._feature_order = [f.name for t in logical for f in t.features]
+        self._features = {f.name: f for t in logical for f in t.features}
+        self._physical = self._collect_physical_tables()
+        self._pieces = self._place_pieces()
+        self._build_collections(device)
+        self._column_cache: dict[tuple[str, ...], dict[str, tuple[int, int]]] = {}
+
+    # ----------------------------------------------------------------------------- compile
+    def _method(self, table: str) -> TableMethod:
+        return self.methods[table]  # type: ignore[return-value]
+
+    def _collect_physical_tables(self) -> dict[str, PhysicalTable]:
+        physical: dict[str, PhysicalTable] = {}
+        for name in self._logical:
+            for table in self._method(name).physical_tables:
+                seen = physical.setdefault(table.name, table)
+                if seen != table:
+                    raise ValueError(
+                        f"physical table {table.name!r} is declared as {seen} and as {table}"
+                    )
+                if table.dim % 4:
+                    raise ValueError(
+                        f"physical table {table.name!r} has width {table.dim}; fbgemm's fused "
+                        "kernels need a multiple of 4"
+                    )
+        return physical
+
+    def _needs_per_id_lookup(self, table: LogicalTable) -> bool:
+        method = self._method(table.name)
+        return any(f.is_sequence for f in table.features) or not method.pooling_commutes
+
+    def _place_pieces(self) -> list[_Piece]:
+        per_id_tables = {
+            p.name
+            for t in self._logical.values()
+            if self._needs_per_id_lookup(t)
+            for p in self._method(t.name).physical_tables
+        }
+        pieces = []
+        for table in self._logical.values():
+            physical = self._method(table.name).physical_tables
+            for probe, target in enumerate(physical):
+                bucket = f"dim{target.dim}" if target.name in per_id_tables else POOLED_BUCKET
+                keys = tuple(physical_key(f.name, probe, len(physical)) for f in table.features)
+                pieces.append(_Piece(table.name, probe, keys, bucket))
+        if any(
+            p.bucket == POOLED_BUCKET and self._needs_per_id_lookup(self._logical[p.table])
+            for p in pieces
+        ):
+            raise ValueError("a per-id table was placed in the pooled collection")
+        return pieces
+
+    def _table_features(self, bucket: str) -> dict[str, list[str]]:
+        features: dict[str, list[str]] = {}
+        for piece in self._pieces:
+            if piece.bucket == bucket:
+                target = self._method(piece.table).physical_tables[piece.probe]
+                features.setdefault(target.name, []).extend(piece.keys)
+        return features
+
+    def _build_collections(self, device: torch.device | None) -> None:
+        buckets = list(dict.fromkeys(p.bucket for p in self._pieces))
+        self.ebc: EmbeddingBagCollection | None = None
+        self.ecs = nn.ModuleDict()
+        for bucket in buckets:
+            tables = self._table_features(bucket)
+            if bucket == POOLED_BUCKET:
+                configs = [
+                    EmbeddingBagConfig(
+                        name=name,
+                        num_embeddings=self._physical[name].rows,
+                        embedding_dim=self._physical[name].dim,
+                        feature_names=keys,
+                    )
+                    for name, keys in tables.items()
+                ]
+                self.ebc = EmbeddingBagCollection(tables=configs, device=device)
+            else:
+                configs = [
+                    EmbeddingConfig(
+                        name=name,
+                        num_embeddings=self._physical[name].rows,
+                        embedding_dim=self._physical[name].dim,
+                        feature_names=keys,
+                    )
+                    for name, keys in tables.items()
+                ]
+                self.ecs[bucket] = EmbeddingCollection(tables=configs, device=device)
+        self._bucket_keys = {
+            b: [k for p in self._pieces if p.bucket == b for k in p.keys] for b in buckets
+        }
+
+    # ----------------------------------------------------------------------------- accounting
+    @property
+    def physical_tables(self) -> dict[str, PhysicalTable]:
+        return dict(self._physical)
+
+    @property
+    def feature_names(self) -> list[str]:
+        return list(self._feature_order)
+
+    def output_dim(self, feature: str) -> int:
+        """Width of the vectors this module returns for `feature`."""
+        return self._method(self._features[feature].table_name).out_dim
+
+    def memory_bytes(self, optimizer: SparseOptimizer | None = None) -> MemoryReport:
+        """Bytes allocated for weights and optimizer state (the fused optimizer by default)."""
+        optimizer = optimizer or self.sparse_optimizer
+        tables = {
+            name: TableBytes(
+                rows=t.rows,
+                dim=t.dim,
+                parameter_bytes=t.rows * t.dim * 4,
+                optimizer_bytes=optimizer.state_bytes(t.rows, t.dim) if optimizer else 0,
+            )
+            for name, t in self._physical.items()
+        }
+        method_bytes = sum(self._method(name).extra_bytes() for name in self._logical)
+        return MemoryReport(tables=tables, method_bytes=method_bytes)
+
+    # ----------------------------------------------------------------------------- forward
+    def forward(self, features: KeyedJaggedTensor) -> EmbeddingOutput:
+        kjt = self._canonical(features)
+        stride = kjt.stride()
+        table_inputs = self._table_inputs(kjt)
+        looked_up = self._lookup(self._physical_inputs(table_inputs))
+        pooled_blocks: dict[str, torch.Tensor] = {}
+        sequence: dict[str, JaggedTensor] = {}
+        for name, (_, lengths, sizes) in table_inputs.items():
+            self._combine_table(name, lengths, sizes, stride, looked_up, pooled_blocks, sequence)
+        return EmbeddingOutput(self._pooled_output(pooled_blocks, stride), sequence)
+
+    def _canonical(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        keys = kjt.keys()
+        if keys != self._feature_order:
+            unknown = [k for k in keys if k not in self._features]
+            if unknown:
+                raise ValueError(
+                    f"unknown feature {unknown[0]!r} in the input; expected features {self._feature_order}"
+                )
+            missing = [k for k in self._feature_order if k not in keys]
+            if missing:
+                raise ValueError(
+                    f"feature {missing[0]!r} is missing from the input; expected features {self._feature_order}"
+                )
+        self._check_lengths(kjt)
+        if kjt.weights_or_none() is not None:
+            raise ValueError("weighted KeyedJaggedTensors are not supported; pass ids without weights")
+        if keys != self._feature_order:
+            kjt = kjt.permute([keys.index(k) for k in self._feature_order])
+        return kjt
+
+    def _check_lengths(self, kjt: KeyedJaggedTensor) -> None:
+        values, lengths, keys = kjt.values(), kjt.lengths(), kjt.keys()
+        if values.is_floating_point() or values.dtype == torch.bool:
+            raise ValueError(f"ids must be integers, got values of dtype {values.dtype}")
+        if lengths.numel() % len(keys):
+            raise ValueError(
+                f"{lengths.numel()} lengths cannot be split evenly over {len(keys)} features {keys}"
+            )
+        if lengths.numel() and int(lengths.min()) < 0:
+            position = int(torch.argmin(lengths))
+            raise ValueError(
+                f"feature {keys[position // kjt.stride()]!r}: negative length {int(lengths.min())} "
+                f"for sample {position % kjt.stride()}; expected lengths >= 0"
+            )
+        total = int(lengths.sum())
+        if total != values.numel():
+            raise ValueError(
+                f"lengths add up to {total} ids but {values.numel()} values were given; expected equal"
+            )
+        self._check_empty_bags(lengths.view(len(keys), -1), keys)
+
+    def _check_empty_bags(self, lengths: torch.Tensor, keys: list[str]) -> None:
+        rejecting = [i for i, k in enumerate(keys) if self._features[k].rejects_empty]
+        if not rejecting or lengths.shape[1] == 0:
+            return
+        empty = lengths[rejecting] == 0
+        if bool(empty.any()):
+            row, sample = (int(x) for x in torch.nonzero(empty)[0])
+            feature = self._features[keys[rejecting[row]]]
+            reason = "mean pooling" if feature.pooling == "mean" else "required=True"
+            raise ValueError(
+                f"feature {feature.name!r}: sample {sample} has an empty bag; expected at least one id "
+                f"({reason})"
+            )
+
+    def _table_inputs(
+        self, kjt: KeyedJaggedTensor
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor, list[int]]]:
+        """Per logical table: its features' ids (range-checked), lengths and per-feature id counts."""
+        values, lengths = kjt.values(), kjt.lengths()
+        length_per_key, stride = kjt.length_per_key(), kjt.stride()
+        inputs = {}
+        first = 0
+        for name, table in self._logical.items():
+            count = len(table.features)
+            sizes = length_per_key[first : first + count]
+            start = sum(length_per_key[:first])
+            ids = values[start : start + sum(sizes)]
+            self._check_ids(table, ids, sizes)
+            inputs[name] = (ids, lengths[first * stride : (first + count) * stride], sizes)
+            first += count
+        return inputs
+
+    def _check_ids(self, table: LogicalTable, ids: torch.Tensor, sizes: list[int]) -> None:
+        if ids.numel() == 0:
+            return
+        max_id = self._method(table.name).max_id
+        low, high = torch.aminmax(ids)
+        if int(low) >= 0 and (max_id is None or int(high) < max_id):
+            return
+        bad = (ids < 0) if max_id is None else (ids < 0) | (ids >= max_id)
+        position = int(torch.nonzero(bad)[0])
+        feature = table.features[int(torch.searchsorted(torch.tensor(sizes).cumsum(0), position, right=True))]
+        expected = "0 <= id" if max_id is None else f"0 <= id < {max_id}"
+        raise ValueError(
+            f"feature {feature.name!r}: id {int(ids[position])} is out of range; expected {expected}"
+        )
+
+    def _physical_inputs(
+        self, table_inputs: dict[str, tuple[torch.Tensor, torch.Tensor, list[int]]]
+    ) -> dict[str, KeyedJaggedTensor]:
+        values: dict[str, list[torch.Tensor]] = {b: [] for b in self._bucket_keys}
+        lengths: dict[str, list[torch.Tensor]] = {b: [] for b in self._bucket_keys}
+        remapped = {name: self._method(name).remap(ids) for name, (ids, _, _) in table_inputs.items()}
+        for piece in self._pieces:
+            values[piece.bucket].append(remapped[piece.table][piece.probe])
+            lengths[piece.bucket].append(table_inputs[piece.table][1])
+        return {
+            bucket: KeyedJaggedTensor(
+                keys=keys, values=torch.cat(values[bucket]), lengths=torch.cat(lengths[bucket])
+            )
+            for bucket, keys in self._bucket_keys.items()
+        }
+
+    def _lookup(self, inputs: dict[str, KeyedJaggedTensor]) -> dict[str, object]:
+        out: dict[str, object] = {}
+        for bucket, kjt in inputs.items():
+            module = self.ebc if bucket == POOLED_BUCKET else self.ecs[bucket]
+            out[bucket] = module(kjt)
+        return out
+
+    def _columns(self, pooled: KeyedTensor) -> dict[str, tuple[int, int]]:
+        keys = tuple(pooled.keys())
+        if keys not in self._column_cache:
+            offsets = pooled.offset_per_key()
+            self._column_cache[keys] = {k: (offsets[i], offsets[i + 1]) for i, k in enumerate(keys)}
+        return self._column_cache[keys]
+
+    def _combine_table(
+        self,
+        name: str,
+        lengths: torch.Tensor,
+        sizes: list[int],
+        stride: int,
+        looked_up: dict[str, object],
+        pooled_blocks: dict[str, torch.Tensor],
+        sequence: dict[str, JaggedTensor],
+    ) -> None:
+        table, method = self._logical[name], self._method(name)
+        pieces = [p for p in self._pieces if p.table == name]
+        if pieces[0].bucket == POOLED_BUCKET:
+            pooled_blocks[name] = self._combine_pooled(table, method, pieces, lengths, stride, looked_up)
+            return
+        per_id = method.combine([_gather_per_id(looked_up[p.bucket], p.keys) for p in pieces])
+        per_feature = torch.split(per_id, sizes)
+        for feature, rows, feature_lengths in zip(
+            table.features, per_feature, lengths.view(len(table.features), stride)
+        ):
+            if feature.is_sequence:
+                sequence[feature.name] = JaggedTensor(values=rows, lengths=feature_lengths)
+        pooled = [i for i, f in enumerate(table.features) if not f.is_sequence]
+        if pooled:
+            pooled_blocks[name] = self._pool_per_id(table, per_id, lengths, stride, pooled)
+
+    def _combine_pooled(
+        self,
+        table: LogicalTable,
+        method: TableMethod,
+        pieces: list,
+        lengths: torch.Tensor,
+        stride: int,
+        looked_up: dict[str, object],
+    ) -> torch.Tensor:
+        pooled: KeyedTensor = looked_up[POOLED_BUCKET]  # type: ignore[assignment]
+        values, columns = pooled.values(), self._columns(pooled)
+        count = len(table.features)
+        vectors = []
+        for piece in pieces:
+            start, end = columns[piece.keys[0]][0], columns[piece.keys[-1]][1]
+            vectors.append(values[:, start:end].reshape(stride, count, -1))
+        combined = method.combine(vectors)
+        combined = _apply_mean(combined, table.features, lengths.view(count, stride).t())
+        return combined.reshape(stride, -1)
+
+    def _pool_per_id(
+        self,
+        table: LogicalTable,
+        per_id: torch.Tensor,
+        lengths: torch.Tensor,
+        stride: int,
+        pooled: list[int],
+    ) -> torch.Tensor:
+        count = len(table.features)
+        bags = torch.repeat_interleave(torch.arange(lengths.numel(), device=per_id.device), lengths)
+        sums = per_id.new_zeros(lengths.numel(), per_id.shape[1]).index_add_(0, bags, per_id)
+        sums = sums.view(count, stride, -1)[pooled].transpose(0, 1)
+        chosen = [table.features[i] for i in pooled]
+        sums = _apply_mean(sums, chosen, lengths.view(count, stride)[pooled].t())
+        return sums.reshape(stride, -1)
+
+    def _pooled_output(self, blocks: dict[str, torch.Tensor], stride: int) -> KeyedTensor | None:
+        if not blocks:
+            return None
+        keys, widths = [], []
+        for name, table in self._logical.items():
+            if name in blocks:
+                for feature in table.features:
+                    if not feature.is_sequence:
+                        keys.append(feature.name)
+                        widths.append(self._method(name).out_dim)
+        ordered = [blocks[name] for name in self._logical if name in blocks]
+        return KeyedTensor(keys=keys, length_per_key=widths, values=torch.cat(ordered, dim=1))
+
+
+def physical_key(feature: str, probe: int, probes: int) -> str:
+    """Name of a logical feature's ids for one physical table (the feature's own name if only one)."""
+    return feature if probes == 1 else f"{feature}@{probe}"
+
+
+def _gather_per_id(per_feature: object, keys: tuple[str, ...]) -> torch.Tensor:
+    if len(keys) == 1:
+        return per_feature[keys[0]].values()  # type: ignore[index]
+    return torch.cat([per_feature[k].values() for k in keys])  # type: ignore[index]
+
+
+def _apply_mean(
+    pooled: torch.Tensor, features: list[FeatureSpec] | tuple[FeatureSpec, ...], lengths: torch.Tensor
+) -> torch.Tensor:
+    """Divide the sums of mean-pooled features by their bag sizes; `pooled` is [B, F, D]."""
+    means = [i for i, f in enumerate(features) if f.pooling == "mean"]
+    if not means:
+        return pooled
+    divisor = torch.ones_like(lengths, dtype=pooled.dtype)
+    divisor[:, means] = lengths[:, means].to(pooled.dtype)
+    return pooled / divisor.unsqueeze(-1)

@@ -1,0 +1,66 @@
+"""What every compression method provides: remap, physical tables, combine, bytes.
+
+A method spec (a frozen dataclass in `embtab.config`) is compiled for one logical table into a
+`TableMethod`. `embtab.EmbeddingTables` then places every method's physical tables in one fused
+torchrec collection and calls `remap` before and `combine` after the lookup.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from embtab.config import LogicalTable
+
+
+@dataclass(frozen=True)
+class PhysicalTable:
+    """A table that is really allocated: `rows` x `dim` float32 in the fused collection.
+
+    Methods that share one physical table across logical tables (feature multiplexing) give it the
+    same `name`; the collection allocates it once.
+    """
+
+    name: str
+    rows: int
+    dim: int
+
+
+class TableMethod(nn.Module):
+    """A compression method compiled for one logical table.
+
+    Subclasses set `physical_tables` (P tables) and implement `remap` and `combine`.
+
+    Attributes:
+        pooling_commutes: True when ``combine(pool(rows)) == pool(combine(rows))`` (add, concat),
+            so pooled features may pool inside the fused kernel; False makes the collection look
+            rows up per id, combine, then pool.
+        max_id: ids must be below this (the full table); ``None`` accepts any non-negative id.
+    """
+
+    pooling_commutes: bool = True
+
+    def __init__(self, table: LogicalTable) -> None:
+        super().__init__()
+        self.table = table
+        self.physical_tables: tuple[PhysicalTable, ...] = ()
+        self.max_id: int | None = table.cardinality
+
+    @property
+    def out_dim(self) -> int:
+        return self.table.dim
+
+    def remap(self, ids: torch.Tensor) -> torch.Tensor:
+        """Map logical ids ``[n]`` to physical rows ``[P, n]``, one row of ids per physical table."""
+        raise NotImplementedError
+
+    def combine(self, vectors: list[torch.Tensor]) -> torch.Tensor:
+        """Combine P looked-up tensors ``[..., dim_p]`` into the logical vectors ``[..., out_dim]``."""
+        raise NotImplementedError
+
+    def extra_bytes(self) -> int:
+        """Bytes of the method's own parameters and buffers (projections, importance weights)."""
+        tensors = list(self.parameters()) + list(self.buffers())
+        return sum(t.numel() * t.element_size() for t in tensors)
