@@ -109,7 +109,7 @@ class EmbeddingTables(nn.Module):
         self._physical = self._collect_physical_tables()
         self._pieces = self._place_pieces()
         self._build_collections(device)
-        self._column_cache: dict[tuple[str, ...], dict[str, tuple[int, int]]] = {}
+        self._column_cache: dict[tuple[str, ...], tuple[list[tuple[str, int]], list[int]]] = {}
 
     # ----------------------------------------------------------------------------- compile
     def _method(self, table: str) -> TableMethod:
@@ -230,6 +230,8 @@ class EmbeddingTables(nn.Module):
         stride = kjt.stride()
         table_inputs = self._table_inputs(kjt)
         looked_up = self._lookup(self._physical_inputs(table_inputs))
+        if POOLED_BUCKET in looked_up:
+            looked_up[POOLED_BUCKET] = self._piece_blocks(looked_up[POOLED_BUCKET])  # type: ignore[arg-type]
         pooled_blocks: dict[str, torch.Tensor] = {}
         sequence: dict[str, JaggedTensor] = {}
         for name, (_, lengths, sizes) in table_inputs.items():
@@ -347,12 +349,27 @@ class EmbeddingTables(nn.Module):
             out[bucket] = module(kjt)
         return out
 
-    def _columns(self, pooled: KeyedTensor) -> dict[str, tuple[int, int]]:
+    def _piece_blocks(self, pooled: KeyedTensor) -> dict[tuple[str, int], torch.Tensor]:
+        """Each pooled piece's columns of the lookup output, cut by one `split` (cheap backward)."""
         keys = tuple(pooled.keys())
         if keys not in self._column_cache:
-            offsets = pooled.offset_per_key()
-            self._column_cache[keys] = {k: (offsets[i], offsets[i + 1]) for i, k in enumerate(keys)}
-        return self._column_cache[keys]
+            self._column_cache[keys] = self._piece_layout(keys, pooled.offset_per_key())
+        order, sizes = self._column_cache[keys]
+        return dict(zip(order, torch.split(pooled.values(), sizes, dim=1)))
+
+    def _piece_layout(
+        self, keys: tuple[str, ...], offsets: list[int]
+    ) -> tuple[list[tuple[str, int]], list[int]]:
+        position = {k: i for i, k in enumerate(keys)}
+        spans = []
+        for piece in self._pieces:
+            if piece.bucket == POOLED_BUCKET:
+                first, last = position[piece.keys[0]], position[piece.keys[-1]]
+                if last - first + 1 != len(piece.keys):
+                    raise RuntimeError(f"pooled lookup split the columns of {piece.keys}")
+                spans.append((offsets[first], offsets[last + 1], (piece.table, piece.probe)))
+        spans.sort()
+        return [span[2] for span in spans], [end - start for start, end, _ in spans]
 
     def _combine_table(
         self,
@@ -389,13 +406,9 @@ class EmbeddingTables(nn.Module):
         stride: int,
         looked_up: dict[str, object],
     ) -> torch.Tensor:
-        pooled: KeyedTensor = looked_up[POOLED_BUCKET]  # type: ignore[assignment]
-        values, columns = pooled.values(), self._columns(pooled)
+        blocks: dict[tuple[str, int], torch.Tensor] = looked_up[POOLED_BUCKET]  # type: ignore[assignment]
         count = len(table.features)
-        vectors = []
-        for piece in pieces:
-            start, end = columns[piece.keys[0]][0], columns[piece.keys[-1]][1]
-            vectors.append(values[:, start:end].reshape(stride, count, -1))
+        vectors = [blocks[(p.table, p.probe)].reshape(stride, count, -1) for p in pieces]
         combined = method.combine(vectors)
         combined = _apply_mean(combined, table.features, lengths.view(count, stride).t())
         return combined.reshape(stride, -1)

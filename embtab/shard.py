@@ -168,3 +168,71 @@ def allocated_bytes(dmp: DistributedModelParallel) -> dict[str, int]:
         if isinstance(t, torch.Tensor)
     )
     return {"parameter_bytes": weights, "optimizer_bytes": state}
+
+
+def _whole(tensor: torch.Tensor, key: str) -> torch.Tensor:
+    """This rank's copy of a tensor that one process holds whole (table-wise on one rank, dense)."""
+    if not isinstance(tensor, ShardedTensor):
+        return tensor.detach().clone()
+    shards = tensor.local_shards()
+    if len(shards) != 1 or tuple(shards[0].tensor.shape) != tuple(tensor.size()):
+        raise ValueError(
+            f"{key!r} is split across ranks ({len(shards)} local shard(s) of {tuple(tensor.size())}); "
+            "whole-tensor checkpoints need every table on one rank"
+        )
+    return shards[0].tensor.detach().clone()
+
+
+def _local_target(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.local_shards()[0].tensor if isinstance(tensor, ShardedTensor) else tensor
+
+
+def _sparse_state(dmp: DistributedModelParallel) -> dict[str, torch.Tensor]:
+    return {
+        f"{param}/{name}": value
+        for param, per_param in dmp.fused_optimizer.state_dict()["state"].items()
+        for name, value in per_param.items()
+        if isinstance(value, torch.Tensor)
+    }
+
+
+def training_state(dmp: DistributedModelParallel) -> dict[str, dict[str, torch.Tensor]]:
+    """Weights and fused optimizer state as plain tensors, for `torch.save`."""
+    return {
+        "model": {k: _whole(v, k) for k, v in dmp.state_dict().items()},
+        "sparse_optimizer": {k: _whole(v, k) for k, v in _sparse_state(dmp).items()},
+    }
+
+
+def load_training_state(dmp: DistributedModelParallel, state: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Restore `training_state` into a model of the same configuration, in place.
+
+    Every key and shape is checked before anything is copied: a mismatched checkpoint changes nothing.
+    """
+    pairs = [
+        (_matched(dmp.state_dict(), state["model"], "weights"), state["model"]),
+        (_matched(_sparse_state(dmp), state["sparse_optimizer"], "sparse optimizer state"), state["sparse_optimizer"]),
+    ]
+    with torch.no_grad():
+        for targets, saved in pairs:
+            for key, value in saved.items():
+                targets[key].copy_(value)
+
+
+def _matched(
+    current: dict[str, torch.Tensor], saved: dict[str, torch.Tensor], what: str
+) -> dict[str, torch.Tensor]:
+    """The local tensors to copy `saved` into, after checking keys and shapes."""
+    if set(current) != set(saved):
+        missing, unexpected = sorted(set(current) - set(saved)), sorted(set(saved) - set(current))
+        raise ValueError(
+            f"checkpoint does not match the model's {what}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    targets = {k: _local_target(v) for k, v in current.items()}
+    for key, value in saved.items():
+        if tuple(targets[key].shape) != tuple(value.shape):
+            raise ValueError(
+                f"checkpoint entry {key!r} has shape {tuple(value.shape)}; "
+                f"the model expects {tuple(targets[key].shape)}"
+            )
+    return targets

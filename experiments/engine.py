@@ -1,0 +1,235 @@
+"""Train and evaluate a CTR model whose embeddings are embtab tables.
+
+BCE loss; AUC and logloss through torchmetrics; early stopping on validation AUC; checkpoints that
+hold everything a run needs to continue (weights, fused sparse optimizer state, dense optimizer,
+data position, RNG, early-stopping state), so a resumed run ends exactly where an uninterrupted one
+would. Everything a run produces goes under its output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import torch
+from torch import nn
+from torchmetrics.functional.classification import binary_auroc
+from tqdm import tqdm
+
+import embtab
+from data import CTRDataset, DatasetSplits, make_dataloader
+from embtab.shard import load_training_state, training_state
+
+CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"
+METRICS = "metrics.csv"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How a model is trained; the same protocol for every embedding method."""
+
+    epochs: int = 1
+    batch_size: int = 1024
+    eval_batch_size: int = 8192
+    dense_lr: float = 1e-3
+    sparse_optimizer: str = "rowwise_adagrad"
+    sparse_lr: float = 0.05
+    seed: int = 2024
+    threads: int = 2
+    patience: int = 1
+    checkpoint_every: int = 0
+    progress: bool = True
+
+    def sparse(self) -> embtab.SparseOptimizer:
+        return embtab.SparseOptimizer(self.sparse_optimizer, lr=self.sparse_lr)
+
+
+@dataclass
+class RunState:
+    """Where a run is: the data position and the early-stopping bookkeeping."""
+
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+    best_auc: float = -1.0
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    train_seconds: float = 0.0
+    train_samples: int = 0
+    data_seconds: float = 0.0
+    history: list[dict[str, float]] = field(default_factory=list)
+    finished: bool = False
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    auc: float
+    logloss: float
+    samples: int
+    seconds: float
+
+
+class Trainer:
+    """Fits `model` on `splits` with `config`, writing metrics and checkpoints to `out_dir`.
+
+    Example::
+
+        trainer = Trainer(model, splits, TrainConfig(epochs=2), out_dir="results/run")
+        result = trainer.fit()          # resumes from out_dir/checkpoint.pt if present
+        result["test_auc"]
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        splits: DatasetSplits,
+        config: TrainConfig,
+        out_dir: str | Path,
+        stop_after_steps: int | None = None,
+    ) -> None:
+        torch.set_num_threads(config.threads)
+        self.config = config
+        self.splits = splits
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.stop_after_steps = stop_after_steps
+        self.model = embtab.fuse(model, config.sparse())
+        self.dense_optimizer = torch.optim.Adam(embtab.dense_parameters(self.model), lr=config.dense_lr)
+        self.state = RunState()
+        self._resume()
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint(self) -> dict[str, Any]:
+        return {
+            "training": training_state(self.model),
+            "dense_optimizer": self.dense_optimizer.state_dict(),
+            "run": asdict(self.state),
+            "rng": torch.get_rng_state(),
+            "config": asdict(self.config),
+        }
+
+    def _save(self, name: str) -> None:
+        """Write atomically: a crash mid-write leaves the previous file intact."""
+        path = self.out_dir / name
+        tmp = path.with_suffix(".tmp")
+        torch.save(self._checkpoint(), tmp)
+        os.replace(tmp, path)
+
+    def _load(self, name: str) -> None:
+        saved = torch.load(self.out_dir / name, weights_only=False)
+        load_training_state(self.model, saved["training"])
+        self.dense_optimizer.load_state_dict(saved["dense_optimizer"])
+        self.state = RunState(**saved["run"])
+        torch.set_rng_state(saved["rng"])
+
+    def _resume(self) -> None:
+        if (self.out_dir / CHECKPOINT).exists():
+            self._load(CHECKPOINT)
+
+    # ------------------------------------------------------------------ training
+    def _loss(self, batch) -> torch.Tensor:
+        logits = self.model(batch.sparse, batch.dense)
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
+        regularization = getattr(self.model.module, "regularization", None)
+        return loss + regularization(batch.sparse) if callable(regularization) else loss
+
+    def _train_epoch(self) -> bool:
+        """Run the rest of the current epoch; False if stopped early by `stop_after_steps`."""
+        state, config = self.state, self.config
+        loader = make_dataloader(
+            self.splits.train, config.batch_size, shuffle=True, seed=config.seed + state.epoch,
+            start_batch=state.batch,
+        )
+        self.model.train()
+        progress = tqdm(total=len(loader) + state.batch, initial=state.batch, disable=not config.progress,
+                        desc=f"epoch {state.epoch + 1}", unit="batch", leave=False)
+        tick = time.perf_counter()
+        for batch in loader:
+            fetched = time.perf_counter()
+            self.dense_optimizer.zero_grad()
+            self._loss(batch).backward()
+            self.dense_optimizer.step()
+            done = time.perf_counter()
+            state.data_seconds += fetched - tick
+            state.train_seconds += done - tick
+            state.train_samples += len(batch)
+            state.batch += 1
+            state.step += 1
+            progress.update(1)
+            progress.set_postfix(samples_per_s=f"{state.train_samples / state.train_seconds:,.0f}")
+            if config.checkpoint_every and state.step % config.checkpoint_every == 0:
+                self._save(CHECKPOINT)
+            if self.stop_after_steps is not None and state.step >= self.stop_after_steps:
+                progress.close()
+                return False
+            tick = time.perf_counter()
+        progress.close()
+        return True
+
+    def _end_epoch(self) -> None:
+        state = self.state
+        valid = self.evaluate(self.splits.valid)
+        state.history.append(
+            {"epoch": state.epoch + 1, "step": state.step, "valid_auc": valid.auc, "valid_logloss": valid.logloss,
+             "train_samples_per_s": state.train_samples / max(state.train_seconds, 1e-9)}
+        )
+        pl.DataFrame(state.history).write_csv(self.out_dir / METRICS)
+        state.epoch += 1
+        state.batch = 0
+        if valid.auc > state.best_auc:
+            state.best_auc, state.best_epoch, state.bad_epochs = valid.auc, state.epoch, 0
+            self._save(BEST)
+        else:
+            state.bad_epochs += 1
+        state.finished = state.epoch >= self.config.epochs or state.bad_epochs >= self.config.patience
+        self._save(CHECKPOINT)
+
+    def fit(self) -> dict[str, Any]:
+        """Train until the epochs run out or validation AUC stops improving; then test the best epoch."""
+        while not self.state.finished:
+            if not self._train_epoch():
+                return {"stopped_at_step": self.state.step}
+            self._end_epoch()
+        return self._final_result()
+
+    def _final_result(self) -> dict[str, Any]:
+        final = self.state
+        self._load(BEST)
+        test = self.evaluate(self.splits.test)
+        self.state = final
+        result = {
+            "test_auc": test.auc,
+            "test_logloss": test.logloss,
+            "best_epoch": final.best_epoch,
+            "valid_auc": final.best_auc,
+            "epochs_run": len(final.history),
+            "train_samples_per_s": final.train_samples / max(final.train_seconds, 1e-9),
+            "data_seconds_fraction": final.data_seconds / max(final.train_seconds, 1e-9),
+            "inference_samples_per_s": test.samples / max(test.seconds, 1e-9),
+            "history": final.history,
+        }
+        (self.out_dir / "result.json").write_text(json.dumps(result, indent=2))
+        return result
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, dataset: CTRDataset) -> Evaluation:
+        """AUC (torchmetrics) and logloss of the model on `dataset`."""
+        self.model.eval()
+        logits, labels = [], []
+        start = time.perf_counter()
+        for batch in make_dataloader(dataset, self.config.eval_batch_size, shuffle=False):
+            logits.append(self.model(batch.sparse, batch.dense))
+            labels.append(batch.labels)
+        seconds = time.perf_counter() - start
+        self.model.train()
+        logits_all, labels_all = torch.cat(logits), torch.cat(labels)
+        auc = float(binary_auroc(torch.sigmoid(logits_all), labels_all.long()))
+        logloss = float(nn.functional.binary_cross_entropy_with_logits(logits_all, labels_all))
+        return Evaluation(auc=auc, logloss=logloss, samples=len(labels_all), seconds=seconds)
