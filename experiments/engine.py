@@ -8,7 +8,6 @@ would. Everything a run produces goes under its output folder.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -143,12 +142,14 @@ class Trainer:
         """Run the rest of the current epoch; False if stopped early by `stop_after_steps`."""
         state, config = self.state, self.config
         loader = make_dataloader(
-            self.splits.train, config.batch_size, shuffle=True, seed=config.seed + state.epoch,
+            self.splits.train, config.batch_size, shuffle=True, seed=config.seed, epoch=state.epoch,
             start_batch=state.batch,
         )
         self.model.train()
-        progress = tqdm(total=len(loader) + state.batch, initial=state.batch, disable=not config.progress,
-                        desc=f"epoch {state.epoch + 1}", unit="batch", leave=False)
+        progress = tqdm(
+            total=len(loader) + state.batch, initial=state.batch, disable=not config.progress,
+            desc=f"epoch {state.epoch + 1}", unit="batch", leave=False,
+        )
         tick = time.perf_counter()
         for batch in loader:
             fetched = time.perf_counter()
@@ -214,7 +215,6 @@ class Trainer:
             "inference_samples_per_s": test.samples / max(test.seconds, 1e-9),
             "history": final.history,
         }
-        (self.out_dir / "result.json").write_text(json.dumps(result, indent=2))
         return result
 
     # ------------------------------------------------------------------ evaluation

@@ -1,0 +1,169 @@
+"""Train and evaluate one CTR model with one embedding method on one dataset.
+
+    python -m experiments.ctr --config experiments/configs/din_movielens.toml --out results/ctr/din
+    python -m experiments.ctr --dataset movielens --model embedding_mlp --epochs 2 --out results/ctr/emb
+    python -m experiments.ctr --config ... --set train.sparse_lr=0.1 --set model.dropout=0.1
+
+The configuration is a TOML file with the tables [data], [model], [embedding] and [train];
+command-line flags and `--set section.key=value` override it. The run prints and saves (to
+`<out>/result.json`) test AUC and logloss, embedding bytes, total parameters, and train and
+inference samples/s; per-epoch metrics go to `<out>/metrics.csv`.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import json
+import tomllib
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import embtab
+from data import DatasetSplits, load_dataset
+from experiments.common import parser, write_json
+from experiments.engine import TrainConfig, Trainer
+from models import build_model
+
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "data": {"name": "movielens"},
+    "model": {"name": "din"},
+    "embedding": {"dim": 16, "method": {"name": "full"}},
+    "train": {},
+}
+
+FLAGS = {
+    "dataset": ("data", "name", str),
+    "model": ("model", "name", str),
+    "method": ("embedding", "method.name", str),
+    "dim": ("embedding", "dim", int),
+    "budget": ("embedding", "budget_bytes", int),
+    "epochs": ("train", "epochs", int),
+    "batch_size": ("train", "batch_size", int),
+    "dense_lr": ("train", "dense_lr", float),
+    "sparse_lr": ("train", "sparse_lr", float),
+    "sparse_optimizer": ("train", "sparse_optimizer", str),
+    "seed": ("train", "seed", int),
+    "threads": ("train", "threads", int),
+}
+
+
+def set_dotted(config: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set `config["a"]["b"]["c"] = value` for ``dotted = "a.b.c"``, creating tables as needed."""
+    *parents, leaf = dotted.split(".")
+    node = config
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"--set {dotted}: {key!r} is a value, not a table")
+    node[leaf] = value
+
+
+def parse_value(text: str) -> Any:
+    """A Python/TOML literal (number, list, bool) where it parses as one, else the string itself."""
+    lowered = {"true": True, "false": False}.get(text.lower())
+    if lowered is not None:
+        return lowered
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def load_config(path: str | None, overrides: list[str], flags: dict[str, Any]) -> dict[str, Any]:
+    config = copy.deepcopy(DEFAULTS)
+    if path:
+        with open(path, "rb") as f:
+            for section, table in tomllib.load(f).items():
+                config.setdefault(section, {}).update(table)
+    for name, (section, key, _) in FLAGS.items():
+        if flags.get(name) is not None:
+            set_dotted(config[section], key, flags[name])
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"--set expects section.key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        set_dotted(config, key.strip(), parse_value(value.strip()))
+    return config
+
+
+def train_config(table: dict[str, Any]) -> TrainConfig:
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise ValueError(f"unknown [train] keys {unknown}; expected some of {sorted(known)}")
+    return TrainConfig(**table)
+
+
+def embedding_spec(table: dict[str, Any], splits: DatasetSplits, optimizer: embtab.SparseOptimizer) -> embtab.EmbeddingSpec:
+    """The dataset's features with the configured width and method (sized to a budget if one is set)."""
+    settings = dict(table)
+    budget = settings.pop("budget_bytes", None)
+    spec = embtab.EmbeddingSpec.from_dict({**settings, "features": [asdict(f) for f in splits.feature_specs()]})
+    if budget:
+        from embtab.budget import fit_to_budget
+
+        spec = fit_to_budget(spec, int(budget), optimizer).spec
+    return spec
+
+
+def run(config: dict[str, Any], out_dir: str | Path, stop_after_steps: int | None = None) -> dict[str, Any]:
+    """Build data, tables and model from `config`, train, test; returns (and saves) the figures."""
+    out_dir = Path(out_dir)
+    train = train_config(config.get("train", {}))
+    torch.manual_seed(train.seed)
+    data_settings = dict(config["data"])
+    splits = load_dataset(data_settings.pop("name"), **data_settings)
+    spec = embedding_spec(config["embedding"], splits, train.sparse())
+    tables = embtab.EmbeddingTables(spec)
+    model_settings = dict(config["model"])
+    model = build_model(model_settings.pop("name"), tables, dense_dim=splits.dense_dim, **model_settings)
+    memory = tables.memory_bytes(train.sparse())
+    dense_parameters = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in tables.parameters())
+    embedding_parameters = memory.parameter_bytes // 4
+    trainer = Trainer(model, splits, train, out_dir, stop_after_steps=stop_after_steps)
+    result = trainer.fit()
+    if "stopped_at_step" in result:
+        return result
+    summary = {
+        "dataset": config["data"]["name"],
+        "model": config["model"]["name"],
+        "method": spec.method.to_dict(),
+        "embedding_bytes": memory.total,
+        "embedding_parameter_bytes": memory.parameter_bytes,
+        "total_parameters": embedding_parameters + dense_parameters,
+        **{k: v for k, v in result.items() if k != "history"},
+        "history": result["history"],
+        "config": config,
+    }
+    write_json(out_dir / "result.json", summary)
+    return summary
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    print(
+        f"test AUC {summary['test_auc']:.4f} | logloss {summary['test_logloss']:.4f} | "
+        f"best epoch {summary['best_epoch']} | embedding {summary['embedding_bytes'] / 2**20:.2f} MiB | "
+        f"parameters {summary['total_parameters']:,} | train {summary['train_samples_per_s']:,.0f} samples/s | "
+        f"inference {summary['inference_samples_per_s']:,.0f} samples/s"
+    )
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0], "results/ctr")
+    p.add_argument("--config", help="TOML file with [data], [model], [embedding], [train]")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
+    for name, (_, _, kind) in FLAGS.items():
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind)
+    args = p.parse_args()
+    config = load_config(args.config, args.set, vars(args))
+    summary = run(config, args.out)
+    print_summary(summary)
+    print(json.dumps({k: summary[k] for k in ("test_auc", "test_logloss", "embedding_bytes")}))
+
+
+if __name__ == "__main__":
+    main()
