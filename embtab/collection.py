@@ -102,7 +102,8 @@ class EmbeddingTables(nn.Module):
         self.spec = spec
         self.sparse_optimizer: SparseOptimizer | None = None
         logical = spec.tables()
-        self.methods = nn.ModuleDict({t.name: t.method.build(t) for t in logical})
+        with torch.device(device or "cpu"):
+            self.methods = nn.ModuleDict({t.name: t.method.build(t) for t in logical})
         self._logical = {t.name: t for t in logical}
         self._feature_order = [f.name for t in logical for f in t.features]
         self._features = {f.name: f for t in logical for f in t.features}

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 
 import embtab
+from embtab.budget import solve_budget
+from embtab.methods import METHODS
 from data import DatasetSplits, load_dataset
 from experiments.common import parser, write_json
 from experiments.engine import TrainConfig, Trainer
@@ -34,6 +36,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "embedding": {"dim": 16, "method": {"name": "full"}},
     "train": {},
 }
+
+PLACEHOLDER_SIZE = 64
 
 FLAGS = {
     "dataset": ("data", "name", str),
@@ -102,12 +106,18 @@ def embedding_spec(table: dict[str, Any], splits: DatasetSplits, optimizer: embt
     """The dataset's features with the configured width and method (sized to a budget if one is set)."""
     settings = dict(table)
     budget = settings.pop("budget_bytes", None)
+    if budget:
+        settings["method"] = _with_placeholder_size(settings.get("method", {"name": "full"}))
     spec = embtab.EmbeddingSpec.from_dict({**settings, "features": [asdict(f) for f in splits.feature_specs()]})
     if budget:
-        from embtab.budget import fit_to_budget
-
-        spec = fit_to_budget(spec, int(budget), optimizer).spec
+        spec = solve_budget(spec, int(budget), optimizer).spec
     return spec
+
+
+def _with_placeholder_size(method: dict[str, Any]) -> dict[str, Any]:
+    """A method table whose size knob may be left out: the budget solver sets it."""
+    size_field = getattr(METHODS.get(method.get("name")), "size_field", None)
+    return {size_field: PLACEHOLDER_SIZE, **method} if size_field else dict(method)
 
 
 def run(config: dict[str, Any], out_dir: str | Path, stop_after_steps: int | None = None) -> dict[str, Any]:

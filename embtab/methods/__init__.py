@@ -7,9 +7,19 @@ from typing import Any, Mapping
 from embtab.config import MethodSpec
 from embtab.methods.base import PhysicalTable, TableMethod
 from embtab.methods.full import FullTable
+from embtab.methods.hashing_trick import HashingTrick
+from embtab.methods.managed_collision import ManagedCollision
+from embtab.methods.multi_hash import MultiHash
+from embtab.methods.multiplex import Multiplexed
+from embtab.methods.qr import QREmbedding
 
 METHODS: dict[str, type[MethodSpec]] = {
     FullTable.name: FullTable,
+    HashingTrick.name: HashingTrick,
+    MultiHash.name: MultiHash,
+    QREmbedding.name: QREmbedding,
+    Multiplexed.name: Multiplexed,
+    ManagedCollision.name: ManagedCollision,
 }
 
 

@@ -1,0 +1,231 @@
+"""Managed collisions: the hottest ids get rows of their own, through torchrec's MCH module.
+
+Zero-collision hashing ("ZCH") as in torchrec's `ManagedCollisionCollection` /
+`MCHManagedCollisionModule` (torchrec/modules/mc_modules.py), reused as is, not rewritten: the module
+keeps a sorted map raw id -> row for at most ``rows - 1`` ids; every `eviction_interval` training
+steps it counts the ids seen since the last update and admits the best of them, evicting the
+worst mapped ids by LFU (access counts) or LRU (last access step). An id that holds no row reads
+the shared miss row ``rows - 1`` (torchrec's convention). Its state (the id map and the eviction
+metadata) is buffers of the module, so it is part of the model's `state_dict` and checkpoints.
+Idea and eviction policies: Liu et al., "Monolith: Real Time Recommendation System With
+Collisionless Embedding Table" (2022); torchrec's implementation (``MCHManagedCollisionModule``).
+
+Evicted rows. A row handed to a new id still holds the vector (and optimizer state) its previous
+id trained. torchrec's unsharded `ManagedCollisionEmbeddingCollection` leaves it so (its `evict` is
+a no-op); its sharded one re-initializes the row and zeroes its optimizer state before the lookup.
+embtab does the same when asked: `attach_row_reset(tables)` (after `embtab.fuse`) makes every
+managed-collision table re-initialize its evicted rows (uniform in +-sqrt(1/rows), torchrec's
+default init) and zero their fused optimizer state, inside `remap`, i.e. before the lookup that
+first reads them. Without it, evicted rows are left as they are, as in torchrec's unsharded module.
+
+Caveats inherited from torchrec: the id history buffer is sized from the first training batch
+(1.25 x its ids x `eviction_interval`); ids beyond it in a larger batch are not counted for
+admission (they are still remapped). New ids are admitted only at eviction steps, so with
+``eviction_interval > 1`` ids first seen between updates read the miss row until the next update.
+The module's buffers live on the device the table was built on (the default device at build
+time); `nn.Module.to` moves them, but torchrec's eviction policy keeps references to the
+originals, so build on the device you train on.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+from torch import nn
+from torchrec import JaggedTensor
+from torchrec.modules.mc_modules import (
+    LFU_EvictionPolicy,
+    LRU_EvictionPolicy,
+    MCHEvictionPolicy,
+    MCHManagedCollisionModule,
+)
+
+from embtab.config import LogicalTable, MethodSpec
+from embtab.hashing import salt_of
+from embtab.methods.base import PhysicalTable, TableMethod
+
+MAX_INPUT_HASH_SIZE = 2**63 - 1
+EVICTIONS: tuple[str, ...] = ("lfu", "lru")
+
+
+@dataclass(frozen=True)
+class ManagedCollision(MethodSpec):
+    """`rows` x `dim` table whose rows torchrec's MCH module hands to the hottest ids.
+
+    Args:
+        rows: rows of the table; ``rows - 1`` ids hold a row of their own, the last row is
+            shared by every other id (at least 2).
+        eviction: ``"lfu"`` (keep the most frequently seen ids) or ``"lru"`` (the most recent).
+        eviction_interval: training steps between updates of the id map (1: every batch's ids
+            are admitted before its lookup).
+        input_hash_size: ids must lie in ``[0, input_hash_size)``; default the table's
+            cardinality; up to ``2**63 - 1`` for raw 64-bit ids.
+    """
+
+    name = "managed_collision"
+    size_field: ClassVar[str] = "rows"
+    size_increasing: ClassVar[bool] = True
+
+    rows: int
+    eviction: Literal["lfu", "lru"] = "lfu"
+    eviction_interval: int = 1
+    input_hash_size: int | None = None
+
+    def check(self, table: LogicalTable) -> int:
+        """The input hash size for `table`, after checking every parameter."""
+        where = f"table {table.name!r} (managed_collision)"
+        for field_name, low in (("rows", 2), ("eviction_interval", 1)):
+            value = getattr(self, field_name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{where}: {field_name} must be an integer >= {low}, got {value!r}")
+        if self.eviction not in EVICTIONS:
+            raise ValueError(f"{where}: eviction must be one of {EVICTIONS}, got {self.eviction!r}")
+        size = table.cardinality if self.input_hash_size is None else self.input_hash_size
+        if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= MAX_INPUT_HASH_SIZE:
+            raise ValueError(
+                f"{where}: input_hash_size must be an integer in [1, 2**63 - 1], got {size!r}"
+            )
+        return size
+
+    def build(self, table: LogicalTable) -> "ManagedCollisionMethod":
+        return ManagedCollisionMethod(table, self)
+
+
+def _policy(eviction: str) -> MCHEvictionPolicy:
+    return LFU_EvictionPolicy() if eviction == "lfu" else LRU_EvictionPolicy()
+
+
+class ManagedCollisionMethod(TableMethod):
+    """Remap through a `MCHManagedCollisionModule` (profile in training mode, then remap)."""
+
+    pooling_commutes = True
+
+    def __init__(self, table: LogicalTable, spec: ManagedCollision) -> None:
+        super().__init__(table)
+        self.max_id = spec.check(table)
+        self.rows = spec.rows
+        self.mch = MCHManagedCollisionModule(
+            zch_size=spec.rows,
+            device=torch.get_default_device(),
+            eviction_policy=_policy(spec.eviction),
+            eviction_interval=spec.eviction_interval,
+            input_hash_size=self.max_id,
+            name=table.name,
+        )
+        self.physical_tables = (PhysicalTable(table.name, spec.rows, table.dim),)
+        self.row_reset: RowReset | None = None
+
+    @property
+    def miss_row(self) -> int:
+        """The row every id without a row of its own reads."""
+        return self.rows - 1
+
+    def remap(self, ids: torch.Tensor) -> torch.Tensor:
+        values = ids.to(torch.int64)
+        offsets = torch.tensor([0, values.numel()], dtype=torch.int64, device=values.device)
+        features = {self.table.name: JaggedTensor(values=values, offsets=offsets)}
+        rows = self.mch(features)[self.table.name].values()
+        evicted = self.mch.evict()  # always consumed, else torchrec accumulates it
+        if evicted is not None and self.row_reset is not None:
+            self.row_reset(evicted)
+        return rows.unsqueeze(0)
+
+    def combine(self, vectors: list[torch.Tensor]) -> torch.Tensor:
+        return vectors[0]
+
+    def extra_bytes(self) -> int:
+        """Bytes of the id map and eviction metadata (the module's checkpointed buffers).
+
+        The id history buffer (8 bytes per id of ``1.25 x first batch x eviction_interval``, 16
+        for LRU) depends on the batch, not on the configuration, and is not counted.
+        """
+        return sum(t.numel() * t.element_size() for t in self.mch.state_dict().values())
+
+    def mapped_ids(self) -> dict[int, int]:
+        """The id -> row map as a dict (for inspection and tests; not for the hot path)."""
+        ids = self.mch._mch_sorted_raw_ids
+        rows = self.mch._mch_remapped_ids_mapping
+        held = ids != torch.iinfo(torch.int64).max
+        return dict(zip(ids[held].tolist(), rows[held].tolist()))
+
+
+class RowReset:
+    """Re-initialize rows of one physical table, and zero their optimizer state, in place.
+
+    Holds views of the table's weights and of its fused optimizer state (as torchrec exposes them
+    through `state_dict` / `fused_optimizer`), each with the first row it covers.
+    """
+
+    def __init__(
+        self,
+        weights: list[tuple[torch.Tensor, int]],
+        states: list[tuple[torch.Tensor, int]],
+        bound: float,
+        seed: int,
+    ) -> None:
+        self.weights, self.states, self.bound = weights, states, bound
+        self.generator = torch.Generator().manual_seed(seed & (2**63 - 1))
+
+    @torch.no_grad()
+    def __call__(self, rows: torch.Tensor) -> None:
+        for tensor, first in self.weights:
+            local = _local_rows(rows, first, tensor.shape[0]).to(tensor.device)
+            fresh = torch.rand((local.numel(), *tensor.shape[1:]), generator=self.generator)
+            tensor[local] = (fresh * (2 * self.bound) - self.bound).to(tensor.device, tensor.dtype)
+        for tensor, first in self.states:
+            tensor[_local_rows(rows, first, tensor.shape[0]).to(tensor.device)] = 0
+
+
+def _local_rows(rows: torch.Tensor, first: int, count: int) -> torch.Tensor:
+    local = rows.to(torch.int64) - first
+    return local[(local >= 0) & (local < count)]
+
+
+def _shards(tensor: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
+    """(local tensor, first row) for a plain tensor or each local shard of a ShardedTensor."""
+    if hasattr(tensor, "local_shards"):
+        return [(s.tensor, int(s.metadata.shard_offsets[0])) for s in tensor.local_shards()]
+    return [(tensor, 0)]
+
+
+def attach_row_reset(model: nn.Module) -> int:
+    """Make every managed-collision table in `model` reset the rows it evicts; returns how many.
+
+    Call it on the model (or the `DistributedModelParallel`) after `embtab.fuse`: it binds views
+    of the fused weights and fused optimizer state. On an unfused module it binds the weights
+    only (an external torch optimizer's state is not reset).
+    """
+    from embtab.collection import EmbeddingTables
+
+    count = 0
+    for tables in (m for m in model.modules() if isinstance(m, EmbeddingTables)):
+        weights = tables.state_dict()
+        optimizer_states: dict[str, dict[str, torch.Tensor]] = {}
+        for collection in [tables.ebc, *tables.ecs.values()]:
+            fused = getattr(collection, "fused_optimizer", None)
+            if fused is not None:
+                optimizer_states.update(fused.state_dict()["state"])
+        for method in tables.methods.values():
+            if not isinstance(method, ManagedCollisionMethod):
+                continue
+            name = method.physical_tables[0].name
+            suffix = f".{name}.weight"
+            bound_weights = [p for k, v in weights.items() if k.endswith(suffix) for p in _shards(v)]
+            states = [
+                p
+                for k, per_param in optimizer_states.items()
+                if k.endswith(suffix)
+                for v in per_param.values()
+                if isinstance(v, torch.Tensor)
+                for p in _shards(v)
+            ]
+            if not bound_weights:
+                raise ValueError(f"table {name!r}: no weight found in the collection to reset rows of")
+            method.row_reset = RowReset(
+                bound_weights, states, math.sqrt(1.0 / method.rows), salt_of("row_reset", name)
+            )
+            count += 1
+    return count

@@ -1,0 +1,44 @@
+"""CTR models over embtab tables: DIN, its Embedding&MLP base model, DLRM, and their layers.
+
+Every model takes an `embtab.EmbeddingTables` (built by the caller) and maps
+``(sparse: KeyedJaggedTensor, dense: Tensor [B, n_dense])`` to logits ``[B]``.
+
+Example::
+
+    model = build_model("din", EmbeddingTables(spec), mlp_hidden=(64, 32))
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from embtab import EmbeddingTables
+from models.din import DIN, BehaviourModel, EmbeddingMLP
+from models.dlrm import DLRM
+from models.layers import MLP, AttentionUnit, Dice
+from models.regularization import MiniBatchAwareL2
+
+MODELS: dict[str, type[nn.Module]] = {"din": DIN, "embedding_mlp": EmbeddingMLP, "dlrm": DLRM}
+
+
+def build_model(name: str, embeddings: EmbeddingTables, **kwargs: Any) -> nn.Module:
+    """The model registered as `name` in `MODELS`, on `embeddings`, with constructor `kwargs`."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODELS)}")
+    return MODELS[name](embeddings, **kwargs)
+
+
+__all__ = [
+    "AttentionUnit",
+    "BehaviourModel",
+    "DIN",
+    "DLRM",
+    "Dice",
+    "EmbeddingMLP",
+    "MLP",
+    "MODELS",
+    "MiniBatchAwareL2",
+    "build_model",
+]
