@@ -178,6 +178,7 @@ class EmbeddingTables(nn.Module):
                         num_embeddings=self._physical[name].rows,
                         embedding_dim=self._physical[name].dim,
                         feature_names=keys,
+                        **self._physical[name].init_range(),
                     )
                     for name, keys in tables.items()
                 ]
@@ -189,6 +190,7 @@ class EmbeddingTables(nn.Module):
                         num_embeddings=self._physical[name].rows,
                         embedding_dim=self._physical[name].dim,
                         feature_names=keys,
+                        **self._physical[name].init_range(),
                     )
                     for name, keys in tables.items()
                 ]
@@ -396,7 +398,7 @@ class EmbeddingTables(nn.Module):
                 sequence[feature.name] = JaggedTensor(values=rows, lengths=feature_lengths)
         pooled = [i for i, f in enumerate(table.features) if not f.is_sequence]
         if pooled:
-            pooled_blocks[name] = self._pool_per_id(table, per_id, lengths, stride, pooled)
+            pooled_blocks[name] = self._pool_per_id(table, per_id, per_feature, lengths, stride, pooled)
 
     def _combine_pooled(
         self,
@@ -418,16 +420,22 @@ class EmbeddingTables(nn.Module):
         self,
         table: LogicalTable,
         per_id: torch.Tensor,
+        per_feature: tuple[torch.Tensor, ...],
         lengths: torch.Tensor,
         stride: int,
         pooled: list[int],
     ) -> torch.Tensor:
+        """Pool per-id vectors into bags; single-id bags (a candidate item) need no scatter."""
         count = len(table.features)
-        bags = torch.repeat_interleave(torch.arange(lengths.numel(), device=per_id.device), lengths)
-        sums = per_id.new_zeros(lengths.numel(), per_id.shape[1]).index_add_(0, bags, per_id)
-        sums = sums.view(count, stride, -1)[pooled].transpose(0, 1)
+        bag_lengths = lengths.view(count, stride)[pooled]
+        if bool((bag_lengths == 1).all()):
+            sums = torch.stack([per_feature[i] for i in pooled], 1)
+        else:
+            bags = torch.repeat_interleave(torch.arange(lengths.numel(), device=per_id.device), lengths)
+            sums = per_id.new_zeros(lengths.numel(), per_id.shape[1]).index_add_(0, bags, per_id)
+            sums = sums.view(count, stride, -1)[pooled].transpose(0, 1)
         chosen = [table.features[i] for i in pooled]
-        sums = _apply_mean(sums, chosen, lengths.view(count, stride)[pooled].t())
+        sums = _apply_mean(sums, chosen, bag_lengths.t())
         return sums.reshape(stride, -1)
 
     def _pooled_output(self, blocks: dict[str, torch.Tensor], stride: int) -> KeyedTensor | None:

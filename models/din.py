@@ -114,7 +114,7 @@ class DIN(BehaviourModel):
         activation: of the head, ``"dice"`` (the paper's best, default), ``"prelu"``, ``"relu"``.
         attention_activation: of the activation unit. ``"sigmoid"`` (default) as in the
             authors' released code (``din/model.py`` and ``model_dice.py``, which put Dice only
-            in the head); ``"dice"`` follows the paper's figure 2 and FuxiCTR, at about 1.5x the
+            in the head); ``"dice"`` follows the paper's figure 2 and FuxiCTR, at about 1.4x the
             training step time, since the unit runs on every history position.
         attention_softmax: normalize the weights with a masked softmax (see `AttentionUnit`);
             off by default as in the paper. `attention_scale` divides the scores by

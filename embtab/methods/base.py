@@ -20,12 +20,20 @@ class PhysicalTable:
     """A table that is really allocated: `rows` x `dim` float32 in the fused collection.
 
     Methods that share one physical table across logical tables (feature multiplexing) give it the
-    same `name`; the collection allocates it once.
+    same `name`; the collection allocates it once. `init` is the uniform initialization range
+    (torchrec's default, U(-sqrt(1/rows), sqrt(1/rows)), when None).
     """
 
     name: str
     rows: int
     dim: int
+    init: tuple[float, float] | None = None
+
+    def init_range(self) -> dict[str, float]:
+        """Keyword arguments for torchrec's table configs."""
+        if self.init is None:
+            return {}
+        return {"weight_init_min": self.init[0], "weight_init_max": self.init[1]}
 
 
 class TableMethod(nn.Module):

@@ -23,14 +23,10 @@ kernel; multiply does not (``sum_i q_i * r_i != (sum q) * (sum r)``), so pooled 
 looked up per id, multiplied, then pooled (DLRM's version pools first: wrong for multi-hot bags,
 dlrm #366).
 
-Initialization: every partition table currently gets torchrec's default
-``U(-sqrt(1/rows), sqrt(1/rows))``, which depends on the partition's rows, not on ``n``. For ``mult``
-the product of k independent zero-mean factors then has variance ``prod_j 1 / (3 m_j) ~= 1 / (3**k n)``,
-``3**(k-1)`` times below the full table's ``1 / (3 n)`` (std 1/sqrt(3) of it for k = 2): zero-mean
-and the right order, unlike DLRM's all-positive ``U(sqrt(1/n), 1)``. For ``add`` and ``concat`` the
-small remainder table dominates (bound 0.5 at m = 4, against sqrt(1/n) for the full table).
-`init_bound` gives the per-table bound that matches the full table's scale exactly for each
-operation; using it needs a per-physical-table init in the collection.
+Initialization: every partition table is drawn from U(-a, a) with ``a = init_bound(...)`` chosen so
+the combined vector has the full table's variance, U(-sqrt(1/n), sqrt(1/n)) per element: zero-mean
+for ``mult`` too, unlike DLRM's all-positive ``U(sqrt(1/n), 1)``. (torchrec's default bound
+sqrt(1/rows) would make the small remainder table dominate ``add`` and ``concat``.)
 """
 
 from __future__ import annotations
@@ -131,8 +127,10 @@ class QRMethod(TableMethod):
             radices.append(radices[-1] * size)
         self.radices = tuple(radices)
         width = table.dim // spec.partitions if spec.operation == "concat" else table.dim
+        bound = init_bound(spec.operation, table.cardinality, spec.partitions)
         self.physical_tables = tuple(
-            PhysicalTable(f"{table.name}@qr{j}", size, width) for j, size in enumerate(self.sizes)
+            PhysicalTable(f"{table.name}@qr{j}", size, width, init=(-bound, bound))
+            for j, size in enumerate(self.sizes)
         )
 
     def remap(self, ids: torch.Tensor) -> torch.Tensor:
