@@ -8,6 +8,8 @@ PY := $(VENV)/bin/python
 EMBTAB_DEVICE ?= cpu
 STAMP := $(VENV)/.installed-$(EMBTAB_DEVICE)
 OUT ?= results
+# torch's and fbgemm's OpenMP threads must not spin against each other (see embtab/_threads.py).
+export OMP_WAIT_POLICY ?= PASSIVE
 
 ifeq ($(EMBTAB_DEVICE),cuda)
 FBGEMM := fbgemm-gpu==1.8.0

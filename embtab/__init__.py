@@ -1,5 +1,10 @@
 """embtab: compressed, sharded, offloadable embedding tables for recommender models on torchrec."""
 
+from embtab._threads import prefer_passive_openmp
+
+prefer_passive_openmp()
+
+
 from embtab.collection import EmbeddingOutput, EmbeddingTables, MemoryReport, TableBytes
 from embtab.config import EmbeddingSpec, FeatureSpec, LogicalTable, MethodSpec, SparseOptimizer
 from embtab.methods import METHODS, FullTable

@@ -106,11 +106,12 @@ def embedding_spec(table: dict[str, Any], splits: DatasetSplits, optimizer: embt
     """The dataset's features with the configured width and method (sized to a budget if one is set)."""
     settings = dict(table)
     budget = settings.pop("budget_bytes", None)
+    min_fill = float(settings.pop("budget_min_fill", 0.9))
     if budget:
         settings["method"] = _with_placeholder_size(settings.get("method", {"name": "full"}))
     spec = embtab.EmbeddingSpec.from_dict({**settings, "features": [asdict(f) for f in splits.feature_specs()]})
     if budget:
-        spec = solve_budget(spec, int(budget), optimizer).spec
+        spec = solve_budget(spec, int(budget), optimizer, min_fill=min_fill).spec
     return spec
 
 

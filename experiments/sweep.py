@@ -80,6 +80,7 @@ def run_cell(base: dict[str, Any], cell: Cell, full_bytes: int, params: dict[str
             budget_bytes=config["embedding"].get("budget_bytes", full_bytes),
             bytes=summary["embedding_bytes"],
             compression=full_bytes / summary["embedding_bytes"],
+            fill=summary["embedding_bytes"] / config["embedding"].get("budget_bytes", full_bytes),
             test_auc=summary["test_auc"],
             test_logloss=summary["test_logloss"],
             train_samples_per_s=summary["train_samples_per_s"],
@@ -220,6 +221,7 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", help="default: every registered method")
     p.add_argument("--budgets", nargs="+", default=list(DEFAULT_BUDGETS), help="fractions of the full table (1/16) or bytes (1048576B)")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--min-fill", type=float, default=0.9, help="a cell must use at least this share of its budget")
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--threads", type=int, default=2, help="threads per cell")
     args = p.parse_args()
@@ -231,6 +233,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; registered: {sorted(METHODS)}")
     params = base.pop("method_params", {})
+    base["embedding"]["budget_min_fill"] = args.min_fill
     cells = [Cell(m, b, base.get("train", {}).get("seed", 2024) + s) for m in methods for b in args.budgets for s in range(args.seeds)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

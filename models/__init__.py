@@ -5,7 +5,7 @@ Every model takes an `embtab.EmbeddingTables` (built by the caller) and maps
 
 Example::
 
-    model = build_model("din", EmbeddingTables(spec), mlp_hidden=(64, 32))
+    model = build_model("din", EmbeddingTables(spec), mlp_hidden=(64, 32))  # spec: see `DIN`
 """
 
 from __future__ import annotations

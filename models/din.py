@@ -21,7 +21,7 @@ from models.regularization import MiniBatchAwareL2
 
 
 class BehaviourModel(nn.Module):
-    """Shared skeleton of DIN and Embedding&MLP: history padding, MLP head, MBA regularization.
+    """Shared skeleton of DIN and Embedding&MLP: history features, MLP head, MBA regularization.
 
     Subclasses implement `pool_history`. History feature ``i`` pairs with query feature ``i``: it
     must share the query's table (``FeatureSpec(table=...)``), so both have one width.
@@ -52,16 +52,15 @@ class BehaviourModel(nn.Module):
         self.regularizer = _regularizer(embeddings, mba_lambda, id_counts)
         self._pending: tuple[KeyedJaggedTensor, torch.Tensor] | None = None
 
-    def pool_history(self, pooled: KeyedTensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """One interest vector ``[B, history_dim]`` from the padded history ``[B, L, history_dim]``."""
+    def pool_history(self, pooled: KeyedTensor, history: JaggedTensor) -> torch.Tensor:
+        """One interest vector ``[B, history_dim]`` from the history (values ``[N, history_dim]``)."""
         raise NotImplementedError
 
     def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
         """Logits ``[B]`` for sparse ids `sparse` and dense features `dense` ``[B, dense_dim]``."""
         check_dense(dense, self.dense_dim)
         out = self.embeddings(sparse)
-        keys, mask = self._padded_history(out.sequence)
-        interest = self.pool_history(out.pooled, keys, mask)
+        interest = self.pool_history(out.pooled, self._history(out.sequence))
         if self.regularizer is not None and self.training:
             self._pending = (sparse, self.regularizer(sparse, out))
         return self.head(torch.cat([out.pooled.values(), interest, dense], dim=1)).squeeze(-1)
@@ -80,8 +79,8 @@ class BehaviourModel(nn.Module):
             return pending[1]
         return self.regularizer(sparse, self.embeddings(sparse))
 
-    def _padded_history(self, sequence: dict[str, JaggedTensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """History vectors zero-padded to the batch's longest, ``[B, L, E]``, and the mask ``[B, L]``."""
+    def _history(self, sequence: dict[str, JaggedTensor]) -> JaggedTensor:
+        """The history features' vectors side by side: one ``history_dim`` row per history item."""
         jagged = [sequence[name] for name in self.history_features]
         lengths = jagged[0].lengths()
         for name, other in zip(self.history_features[1:], jagged[1:]):
@@ -91,10 +90,7 @@ class BehaviourModel(nn.Module):
                     "expected one aligned entry per history item"
                 )
         values = torch.cat([jt.values() for jt in jagged], dim=1) if len(jagged) > 1 else jagged[0].values()
-        longest = max(int(lengths.max()), 1) if lengths.numel() else 1
-        keys = torch.ops.fbgemm.jagged_to_padded_dense(values, [jagged[0].offsets()], [longest], 0.0)
-        mask = torch.arange(longest, device=lengths.device) < lengths.unsqueeze(1)
-        return keys, mask
+        return JaggedTensor(values=values, lengths=lengths, offsets=jagged[0].offsets())
 
 
 class DIN(BehaviourModel):
@@ -165,7 +161,8 @@ class DIN(BehaviourModel):
         )
         self._query_columns: dict[tuple[str, ...], torch.Tensor] = {}
 
-    def pool_history(self, pooled: KeyedTensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def pool_history(self, pooled: KeyedTensor, history: JaggedTensor) -> torch.Tensor:
+        keys, mask = padded(history)
         return self.attention(self.query(pooled), keys, mask)
 
     def query(self, pooled: KeyedTensor) -> torch.Tensor:
@@ -220,11 +217,20 @@ class EmbeddingMLP(BehaviourModel):
         )
         self.history_pooling = history_pooling
 
-    def pool_history(self, pooled: KeyedTensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        summed = keys.sum(dim=1)
+    def pool_history(self, pooled: KeyedTensor, history: JaggedTensor) -> torch.Tensor:
+        summed = torch.segment_reduce(history.values(), "sum", lengths=history.lengths())
         if self.history_pooling == "sum":
             return summed
-        return summed / mask.sum(dim=1, keepdim=True).clamp(min=1)
+        return summed / history.lengths().clamp(min=1).unsqueeze(1)
+
+
+def padded(history: JaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Jagged vectors zero-padded to the longest row, ``[B, L, E]``, and the valid mask ``[B, L]``."""
+    lengths = history.lengths()
+    longest = max(int(lengths.max()), 1) if lengths.numel() else 1
+    keys = torch.ops.fbgemm.jagged_to_padded_dense(history.values(), [history.offsets()], [longest], 0.0)
+    mask = torch.arange(longest, device=lengths.device) < lengths.unsqueeze(1)
+    return keys, mask
 
 
 def _check_pairs(embeddings: EmbeddingTables, queries: tuple[str, ...], histories: tuple[str, ...]) -> None:

@@ -1,3 +1,9 @@
+"""Shared fixtures. OpenMP's wait policy is set first, before anything imports torch."""
+
+from embtab._threads import prefer_passive_openmp
+
+prefer_passive_openmp()
+
 """Shared fixtures: the offline MovieLens-100K copy, downloaded once into the data cache."""
 
 from __future__ import annotations
