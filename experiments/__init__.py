@@ -1,5 +1,6 @@
 """Command-line experiments: training, budget sweeps, benchmarks. Each takes --out PATH."""
 
-from embtab._threads import prefer_passive_openmp
+from embtab._threads import keep_freed_memory, prefer_passive_openmp
 
 prefer_passive_openmp()
+keep_freed_memory()

@@ -99,7 +99,9 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.stop_after_steps = stop_after_steps
         self.model = embtab.fuse(model, config.sparse())
-        self.dense_optimizer = torch.optim.Adam(embtab.dense_parameters(self.model), lr=config.dense_lr)
+        self.dense_optimizer = torch.optim.Adam(
+            embtab.dense_parameters(self.model), lr=config.dense_lr, fused=True
+        )
         self.state = RunState()
         self._resume()
 

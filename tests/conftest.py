@@ -1,12 +1,13 @@
-"""Shared fixtures. OpenMP's wait policy is set first, before anything imports torch."""
+"""Shared fixtures: the offline MovieLens-100K copy, downloaded once into the data cache.
+
+OpenMP's wait policy is set first, before anything imports torch (see embtab/_threads.py).
+"""
+
+from __future__ import annotations
 
 from embtab._threads import prefer_passive_openmp
 
 prefer_passive_openmp()
-
-"""Shared fixtures: the offline MovieLens-100K copy, downloaded once into the data cache."""
-
-from __future__ import annotations
 
 import shutil
 from pathlib import Path
