@@ -243,3 +243,27 @@ class DatasetSplits:
     def dense_dim(self) -> int:
         """Number of dense features."""
         return self.train.dense_dim
+
+    def with_validation_in_train(self) -> "DatasetSplits":
+        """Train on train + validation (the way peers that train for fixed epochs use the split)."""
+        merged = concat_datasets(f"{self.train.name}+valid", [self.train, self.valid])
+        return DatasetSplits(merged, self.valid, self.test, self.name, self.vocab_sizes)
+
+
+def concat_datasets(name: str, parts: Sequence[CTRDataset]) -> CTRDataset:
+    """The rows of `parts`, one after the other, as one dataset (same features required)."""
+    features = parts[0].feature_specs()
+    if any(p.feature_specs() != features for p in parts):
+        raise ValueError(f"cannot concatenate datasets with different features into {name!r}")
+    whole = [p.batch(torch.arange(len(p))) for p in parts]
+    per_feature = [b.sparse.to_dict() for b in whole]
+    ids = {f.name: torch.cat([d[f.name].values() for d in per_feature]) for f in features}
+    offsets = {
+        f.name: torch.cat([torch.zeros(1, dtype=torch.int64), torch.cat([d[f.name].lengths() for d in per_feature]).cumsum(0)])
+        for f in features
+        if f.name in parts[0]._jagged
+    }
+    return CTRDataset(
+        name, features, ids, offsets, torch.cat([b.dense for b in whole]), torch.cat([b.labels for b in whole]),
+        parts[0].dense_names,
+    )

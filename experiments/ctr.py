@@ -127,7 +127,10 @@ def run(config: dict[str, Any], out_dir: str | Path, stop_after_steps: int | Non
     train = train_config(config.get("train", {}))
     torch.manual_seed(train.seed)
     data_settings = dict(config["data"])
+    validation_in_train = bool(data_settings.pop("validation_in_train", False))
     splits = load_dataset(data_settings.pop("name"), **data_settings)
+    if validation_in_train:
+        splits = splits.with_validation_in_train()
     spec = embedding_spec(config["embedding"], splits, train.sparse())
     tables = embtab.EmbeddingTables(spec)
     model_settings = dict(config["model"])

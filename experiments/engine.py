@@ -42,6 +42,7 @@ class TrainConfig:
     seed: int = 2024
     threads: int = 2
     patience: int = 1
+    restore_best: bool = True
     checkpoint_every: int = 0
     progress: bool = True
 
@@ -203,7 +204,8 @@ class Trainer:
 
     def _final_result(self) -> dict[str, Any]:
         final = self.state
-        self._load(BEST)
+        if self.config.restore_best:
+            self._load(BEST)
         test = self.evaluate(self.splits.test)
         self.state = final
         result = {

@@ -120,3 +120,16 @@ def test_loader_without_shuffle_and_drop_last() -> None:
 def test_loader_with_a_worker_process() -> None:
     loader = make_dataloader(tiny(), batch_size=4, shuffle=True, seed=3, num_workers=1)
     assert served(loader) == served(make_dataloader(tiny(), batch_size=4, shuffle=True, seed=3))
+
+
+def test_validation_in_train_concatenates_rows_in_order():
+    from data import make_synthetic
+
+    splits = make_synthetic(num_samples=300, num_fields=3, cardinalities=50, dense_dim=2, seed=3)
+    merged = splits.with_validation_in_train()
+    assert len(merged.train) == len(splits.train) + len(splits.valid)
+    tail = merged.train.batch(torch.arange(len(splits.train), len(merged.train)))
+    direct = splits.valid.batch(torch.arange(len(splits.valid)))
+    assert torch.equal(tail.labels, direct.labels) and torch.equal(tail.dense, direct.dense)
+    assert torch.equal(tail.sparse.values(), direct.sparse.values())
+    assert torch.equal(tail.sparse.lengths(), direct.sparse.lengths())
