@@ -1,0 +1,36 @@
+"""experiments.sweep: a tiny sweep writes every output, and a re-run trains nothing."""
+
+import sys
+
+import polars as pl
+
+from experiments import sweep
+
+ARGS = [
+    "--dataset", "synthetic", "--model", "dlrm", "--epochs", "1", "--seeds", "1",
+    "--methods", "full", "hashing_trick", "--budgets", "1", "1/4",
+    "--set", "data.num_samples=2000", "--set", "data.num_fields=3", "--set", "data.cardinalities=200",
+    "--set", "data.dense_dim=2", "--set", "model.bottom_hidden=[8]", "--set", "model.top_hidden=[8]",
+    "--set", "embedding.dim=8", "--set", "train.batch_size=256",
+]
+
+
+def test_tiny_sweep_writes_outputs_and_rerun_does_no_training(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["sweep", *ARGS, "--out", str(tmp_path)])
+    sweep.main()
+    for name in ("results.parquet", "results.csv", "summary.md", "pareto.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    results = pl.read_parquet(tmp_path / "results.parquet")
+    assert results.height == 4
+    status = {(r["method"], r["budget"]): r["status"] for r in results.iter_rows(named=True)}
+    assert status == {("full", "1"): "ok", ("full", "1/4"): "unreachable",
+                      ("hashing_trick", "1"): "ok", ("hashing_trick", "1/4"): "ok"}
+    assert "below" in results.filter(pl.col("status") == "unreachable")["reason"][0]
+    assert "**" in (tmp_path / "summary.md").read_text()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished cell was trained again")
+
+    monkeypatch.setattr(sweep, "run", no_training)
+    sweep.main()
+    assert pl.read_parquet(tmp_path / "results.parquet").height == 4
