@@ -35,8 +35,8 @@ $(STAMP): pyproject.toml Makefile
 
 # The main job: every registered method at four byte budgets on real MovieLens-100K with DIN.
 demo: setup
-	$(PY) -m experiments.sweep --dataset movielens --model din --epochs 1 --budgets 1 1/4 1/16 1/64 \
-		--seeds 1 --out $(OUT)/demo
+	$(PY) -m experiments.sweep --config experiments/configs/din_movielens.toml --epochs 1 \
+		--budgets 1 1/4 1/16 1/64 --seeds 1 --out $(OUT)/demo
 
 test: setup
 	$(PY) -m pytest -q
