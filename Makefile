@@ -36,7 +36,7 @@ $(STAMP): pyproject.toml Makefile
 # The main job: every registered method at four byte budgets on real MovieLens-100K with DIN.
 demo: setup
 	$(PY) -m experiments.sweep --config experiments/configs/din_movielens.toml --epochs 1 \
-		--budgets 1 1/4 1/16 1/64 --seeds 1 --out $(OUT)/demo
+		--budgets 1 1/4 1/16 1/64 --seeds 1 --min-fill 0.75 --out $(OUT)/demo
 
 test: setup
 	$(PY) -m pytest -q

@@ -236,3 +236,13 @@ def _matched(
                 f"the model expects {tuple(targets[key].shape)}"
             )
     return targets
+
+
+def physical_weights(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every physical table's weights by table name, from `EmbeddingTables` or a fused model."""
+    out = {}
+    for key, value in module.state_dict().items():
+        if key.endswith(".weight") and (".embedding_bags." in key or ".embeddings." in key):
+            tensor = value.local_shards()[0].tensor if isinstance(value, ShardedTensor) else value
+            out[key.split(".")[-2]] = tensor.detach().clone()
+    return out

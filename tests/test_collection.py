@@ -7,6 +7,7 @@ from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
 from torchrec.optim import RowWiseAdagrad
 
 import embtab
+from embtab.testing import random_kjt
 from embtab.shard import allocated_bytes
 
 POOLED = (
@@ -16,17 +17,6 @@ POOLED = (
 )
 
 
-def random_kjt(specs, batch: int, seed: int, max_len: int = 3) -> KeyedJaggedTensor:
-    g = torch.Generator().manual_seed(seed)
-    lengths, values = [], []
-    for spec in specs:
-        low = 1 if spec.rejects_empty else 0
-        feature_lengths = torch.randint(low, max_len + 1, (batch,), generator=g)
-        lengths.append(feature_lengths)
-        values.append(torch.randint(0, spec.cardinality, (int(feature_lengths.sum()),), generator=g))
-    return KeyedJaggedTensor.from_lengths_sync(
-        keys=[s.name for s in specs], values=torch.cat(values), lengths=torch.cat(lengths)
-    )
 
 
 def fused_reference(tables: embtab.EmbeddingTables, optimizer, kwargs) -> FusedEmbeddingBagCollection:

@@ -11,6 +11,8 @@ import torch
 from torchrec import KeyedJaggedTensor
 
 import embtab
+from embtab.shard import physical_weights
+from embtab.testing import random_kjt
 from embtab.config import LogicalTable
 from embtab.hashing import hash_to_range, salt_of
 from embtab.methods import METHODS, method_from_dict
@@ -27,31 +29,8 @@ FEATURES = (
 HOT = (3, 17, 999)
 
 
-def random_kjt(specs, batch: int, seed: int, max_len: int = 4) -> KeyedJaggedTensor:
-    """Multi-hot bags; every third id of `item`'s table is hot, so hot and hashed ids share bags."""
-    g = torch.Generator().manual_seed(seed)
-    lengths, values = [], []
-    for spec in specs:
-        low = 1 if spec.rejects_empty else 0
-        feature_lengths = torch.randint(low, max_len + 1, (batch,), generator=g)
-        ids = torch.randint(0, spec.cardinality, (int(feature_lengths.sum()),), generator=g)
-        if spec.table_name == "item":
-            ids[::3] = torch.tensor(HOT)[torch.randint(0, len(HOT), (len(ids[::3]),), generator=g)]
-        lengths.append(feature_lengths)
-        values.append(ids)
-    return KeyedJaggedTensor.from_lengths_sync(
-        keys=[s.name for s in specs], values=torch.cat(values), lengths=torch.cat(lengths)
-    )
 
 
-def physical_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Physical table name -> weight (a copy), from an EmbeddingTables or its fused DMP."""
-    out = {}
-    for key, value in module.state_dict().items():
-        if key.endswith(".weight") and (".embedding_bags." in key or ".embeddings." in key):
-            tensor = value.local_shards()[0].tensor if hasattr(value, "local_shards") else value
-            out[key.split(".")[-2]] = tensor.detach().clone()
-    return out
 
 
 def reference_rows(table: str, ids: torch.Tensor, rows: int, salt: int, hot: tuple[int, ...]) -> torch.Tensor:
@@ -97,7 +76,7 @@ def test_outputs_and_one_fused_sgd_step_match_a_per_id_reference():
         "user": (64, 8),
     }
     weights = physical_weights(tables)
-    kjt = random_kjt(FEATURES, batch=6, seed=1)
+    kjt = random_kjt(FEATURES, batch=6, seed=1, max_len=4, hot_ids=HOT, hot_tables=("item",))
     hot_of = {"item": HOT, "user": ()}
 
     def rows_of(table: str, ids: torch.Tensor) -> torch.Tensor:

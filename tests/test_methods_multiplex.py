@@ -5,6 +5,7 @@ import torch
 from torchrec import KeyedJaggedTensor
 
 import embtab
+from embtab.testing import random_kjt
 from embtab.hashing import hash_to_range, salt_of
 from embtab.methods import METHODS, method_from_dict
 from embtab.methods.multiplex import Multiplexed, multiplex
@@ -20,17 +21,6 @@ FEATURES = (
 POOLED = tuple(f for f in FEATURES if f.name in ("user", "item")) + (embtab.FeatureSpec("tags", 300),)
 
 
-def random_kjt(specs, batch: int, seed: int, max_len: int = 3) -> KeyedJaggedTensor:
-    g = torch.Generator().manual_seed(seed)
-    lengths, values = [], []
-    for spec in specs:
-        low = 1 if spec.rejects_empty else 0
-        feature_lengths = torch.randint(low, max_len + 1, (batch,), generator=g)
-        lengths.append(feature_lengths)
-        values.append(torch.randint(0, spec.cardinality, (int(feature_lengths.sum()),), generator=g))
-    return KeyedJaggedTensor.from_lengths_sync(
-        keys=[s.name for s in specs], values=torch.cat(values), lengths=torch.cat(lengths)
-    )
 
 
 def reference_per_id(weight: torch.Tensor, table: str, chunks: int, ids: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,8 @@ import torch
 from torchrec import KeyedJaggedTensor
 
 import embtab
+from embtab.shard import physical_weights
+from embtab.testing import random_kjt
 from embtab.config import LogicalTable
 from embtab.methods import METHODS, method_from_dict
 from embtab.methods.qr import QREmbedding, ceil_root, init_bound, partition_sizes
@@ -26,25 +28,8 @@ FEATURES = (
 )
 
 
-def random_kjt(batch: int, seed: int, max_len: int = 4) -> KeyedJaggedTensor:
-    g = torch.Generator().manual_seed(seed)
-    lengths = [
-        torch.randint(1 if f.rejects_empty else 0, max_len + 1, (batch,), generator=g) for f in FEATURES
-    ]
-    values = torch.randint(0, CARD, (int(sum(int(x.sum()) for x in lengths)),), generator=g)
-    return KeyedJaggedTensor.from_lengths_sync(
-        keys=[f.name for f in FEATURES], values=values, lengths=torch.cat(lengths)
-    )
 
 
-def physical_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Physical table name -> weight (a copy), from an EmbeddingTables or its fused DMP."""
-    out = {}
-    for key, value in module.state_dict().items():
-        if key.endswith(".weight") and (".embedding_bags." in key or ".embeddings." in key):
-            tensor = value.local_shards()[0].tensor if hasattr(value, "local_shards") else value
-            out[key.split(".")[-2]] = tensor.detach().clone()
-    return out
 
 
 def digits(i: int, sizes: tuple[int, ...]) -> list[int]:
@@ -129,7 +114,7 @@ def test_outputs_and_one_fused_sgd_step_match_a_per_id_reference(operation, part
     expected_in_kernel = set() if operation == "mult" else {f"tags@qr{j}" for j in range(partitions)}
     assert pooled_in_kernel == expected_in_kernel  # mult combines per id, then pools
     weights = physical_weights(tables)
-    kjt = random_kjt(batch=6, seed=2)
+    kjt = random_kjt(FEATURES, batch=6, seed=2, max_len=4)
     out = tables(kjt)
     torch.testing.assert_close(out.pooled.values(), reference_pooled(spec, weights, kjt))
     hist = kjt.to_dict()["hist"].values()
