@@ -9,6 +9,7 @@ and a cluster.
 
 from __future__ import annotations
 
+import logging
 from typing import Iterator
 
 import torch
@@ -20,6 +21,7 @@ from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DataParallelWrapper
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
 from torchrec.distributed.types import ShardingEnv, ShardingPlan, ShardingType
 from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
@@ -34,6 +36,21 @@ _OPTIMIZER_CLASSES = {
     "rowwise_adagrad": RowWiseAdagrad,
     "adam": torch.optim.Adam,
 }
+
+
+DENSE_RESERVATION = 0.15  # share of each rank's memory the planner leaves to the dense model
+
+
+class _PlannerNoise(logging.Filter):
+    """Drops the planner's warning that the topology is built directly: every plan we make
+    triggers it (we build it from the process group) and it tells users nothing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return "TopologyFactory" not in message
+
+
+logging.getLogger("torchrec.distributed.planner.types").addFilter(_PlannerNoise())
 
 
 class _NoDataParallel(DataParallelWrapper):
@@ -75,7 +92,11 @@ def table_wise_plan(
         n: ParameterConstraints(sharding_types=[ShardingType.TABLE_WISE.value]) for n in names
     }
     topology = Topology(world_size=dist.get_world_size(process_group), compute_device=device.type)
-    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
+    planner = EmbeddingShardingPlanner(
+        topology=topology,
+        constraints=constraints,
+        storage_reservation=FixedPercentageStorageReservation(DENSE_RESERVATION),
+    )
     return planner.collective_plan(model, _sharders(), process_group)
 
 
