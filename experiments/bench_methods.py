@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import re
 import statistics
 import time
 from dataclasses import asdict
@@ -41,7 +40,6 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 from torchrec import JaggedTensor, KeyedJaggedTensor
-from torchrec.distributed import DistributedModelParallel
 from torchrec.modules.mc_modules import LFU_EvictionPolicy, LRU_EvictionPolicy, MCHManagedCollisionModule
 
 import embtab
@@ -55,7 +53,6 @@ from embtab.methods.managed_collision import ManagedCollision
 from embtab.methods.multi_hash import MultiHash
 from embtab.methods.multiplex import Multiplexed
 from embtab.methods.qr import OPERATIONS, QREmbedding
-from embtab.shard import training_state
 from experiments.common import parser, write_json
 
 #: Minimum ratio to the full table's samples/s, per method (the issue's goals); None: no goal.
@@ -305,21 +302,9 @@ class NaiveMethodEmbeddings(nn.Module):
 
     @torch.no_grad()
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        """Copy physical tables (by embtab's table names, e.g. from `physical_weights`) in."""
+        """Copy physical tables in, by embtab's table names (`embtab.shard.physical_weights`)."""
         for name, module in self.tables.items():
             module.weight.copy_(weights[name])
-
-
-_WEIGHT_KEY = re.compile(r"(?:^|\.)(?:embedding_bags|embeddings)\.(.+)\.weight$")
-
-
-def physical_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every physical table's weights of an `EmbeddingTables` (fused by `embtab.fuse` or not)."""
-    if isinstance(model, DistributedModelParallel):
-        state = training_state(model)["model"]
-    else:
-        state = model.state_dict()
-    return {m.group(1): v for k, v in state.items() if (m := _WEIGHT_KEY.search(k))}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ import experiments  # noqa: F401  (OpenMP wait policy and malloc settings, as th
 
 import pytest
 import torch
-from torchrec import KeyedJaggedTensor
 
 import embtab
 from embtab.config import EmbeddingSpec, FeatureSpec, MethodSpec, SparseOptimizer
@@ -18,6 +17,8 @@ from embtab.methods.managed_collision import ManagedCollision
 from embtab.methods.multi_hash import MultiHash
 from embtab.methods.multiplex import Multiplexed
 from embtab.methods.qr import QREmbedding
+from embtab.shard import physical_weights
+from embtab.testing import random_kjt
 from experiments import bench_methods as bm
 
 ROWS, DIM = 1000, 8
@@ -26,15 +27,6 @@ KEYS = ["C1", "C2", "C3"]
 
 def tiny_spec(method: MethodSpec) -> EmbeddingSpec:
     return EmbeddingSpec(features=tuple(FeatureSpec(k, ROWS) for k in KEYS), dim=DIM, method=method)
-
-
-def multi_id_batch(seed: int = 0, batch: int = 16) -> KeyedJaggedTensor:
-    """Bags of 0 to 3 ids (so the naive pooling is exercised, not only single ids)."""
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(0, 4, (len(KEYS) * batch,), generator=g)
-    lengths[0] = 2
-    values = torch.randint(0, ROWS, (int(lengths.sum()),), generator=g)
-    return KeyedJaggedTensor.from_lengths_sync(keys=KEYS, values=values, lengths=lengths)
 
 
 def test_the_benchmark_writes_every_requested_method(tmp_path):
@@ -78,11 +70,11 @@ def test_the_naive_version_computes_what_embtab_computes(method):
     torch.manual_seed(0)
     tables = embtab.EmbeddingTables(spec)
     naive = bm.NaiveMethodEmbeddings(spec)
-    weights = bm.physical_weights(tables)
+    weights = physical_weights(tables)
     assert set(weights) == set(naive.tables) == set(tables.physical_tables)
     naive.load_weights(weights)
     for seed in range(2):  # twice: managed collisions' id maps evolve the same way
-        kjt = multi_id_batch(seed)
+        kjt = random_kjt(spec.features, batch=16, seed=seed)  # bags of 0 to 3 ids: pooling counts
         torch.testing.assert_close(naive(kjt), tables(kjt).pooled.values(), rtol=1e-6, atol=1e-7)
 
 
@@ -92,13 +84,13 @@ def test_a_training_step_updates_the_same_rows_the_same_way(method):
     spec = tiny_spec(method)
     step = bm.embtab_step(spec, SparseOptimizer("sgd", lr=0.5))
     naive = bm.torch_step(bm.NaiveMethodEmbeddings(spec), "sgd", lr=0.5)
-    naive.model.load_weights(bm.physical_weights(step.model))
+    naive.model.load_weights(physical_weights(step.model))
     kjt = bm.criteo_like_batches(len(KEYS), ROWS, 32, 1, seed=3)[0]
     torch.testing.assert_close(naive.model(kjt), step.model(kjt).pooled.values())
-    before = bm.physical_weights(step.model)
+    before = physical_weights(step.model)
     step(kjt)
     naive(kjt)
-    after = bm.physical_weights(step.model)
+    after = physical_weights(step.model)
     assert any(not torch.equal(before[n], after[n]) for n in after)
     for name, module in naive.model.tables.items():
         torch.testing.assert_close(module.weight.detach(), after[name], rtol=1e-5, atol=1e-7)
