@@ -150,11 +150,6 @@ class EmbeddingTables(nn.Module):
                 bucket = f"dim{target.dim}" if target.name in per_id_tables else POOLED_BUCKET
                 keys = tuple(physical_key(f.name, probe, len(physical)) for f in table.features)
                 pieces.append(_Piece(table.name, probe, keys, bucket))
-        if any(
-            p.bucket == POOLED_BUCKET and self._needs_per_id_lookup(self._logical[p.table])
-            for p in pieces
-        ):
-            raise ValueError("a per-id table was placed in the pooled collection")
         return pieces
 
     def _table_features(self, bucket: str) -> dict[str, list[str]]:

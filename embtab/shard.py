@@ -182,12 +182,7 @@ def allocated_bytes(dmp: DistributedModelParallel) -> dict[str, int]:
     weights = sum(
         _local_bytes(t) for t in dmp.state_dict().values() if isinstance(t, ShardedTensor)
     )
-    state = sum(
-        _local_bytes(t)
-        for per_param in dmp.fused_optimizer.state.values()
-        for t in per_param.values()
-        if isinstance(t, torch.Tensor)
-    )
+    state = sum(_local_bytes(t) for t in _sparse_state(dmp).values())
     return {"parameter_bytes": weights, "optimizer_bytes": state}
 
 
