@@ -244,6 +244,16 @@ class DatasetSplits:
         """Number of dense features."""
         return self.train.dense_dim
 
+    def id_counts(self) -> dict[str, torch.Tensor]:
+        """Occurrences of every id in the training split, per table (features sharing a table add up)."""
+        whole = self.train.batch(torch.arange(len(self.train))).sparse.to_dict()
+        counts: dict[str, torch.Tensor] = {}
+        for feature in self.feature_specs():
+            found = torch.bincount(whole[feature.name].values(), minlength=feature.cardinality)
+            table = feature.table_name
+            counts[table] = counts[table] + found if table in counts else found
+        return counts
+
     def with_validation_in_train(self) -> "DatasetSplits":
         """Train on train + validation (the way peers that train for fixed epochs use the split)."""
         merged = concat_datasets(f"{self.train.name}+valid", [self.train, self.valid])

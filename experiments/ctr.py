@@ -134,6 +134,8 @@ def run(config: dict[str, Any], out_dir: str | Path, stop_after_steps: int | Non
     spec = embedding_spec(config["embedding"], splits, train.sparse())
     tables = embtab.EmbeddingTables(spec)
     model_settings = dict(config["model"])
+    if model_settings.get("mba_lambda", 0) > 0 and "id_counts" not in model_settings:
+        model_settings["id_counts"] = splits.id_counts()
     model = build_model(model_settings.pop("name"), tables, dense_dim=splits.dense_dim, **model_settings)
     memory = tables.memory_bytes(train.sparse())
     dense_parameters = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in tables.parameters())

@@ -133,3 +133,15 @@ def test_validation_in_train_concatenates_rows_in_order():
     assert torch.equal(tail.labels, direct.labels) and torch.equal(tail.dense, direct.dense)
     assert torch.equal(tail.sparse.values(), direct.sparse.values())
     assert torch.equal(tail.sparse.lengths(), direct.sparse.lengths())
+
+
+def test_id_counts_add_up_per_table(movielens_root):
+    from data import load_movielens_100k
+
+    splits = load_movielens_100k(cache_dir=movielens_root)
+    counts = splits.id_counts()
+    assert set(counts) == {"user_id", "item_id", "item_genre", "gender", "age", "occupation"}
+    assert int(counts["user_id"].sum()) == len(splits.train)
+    history = splits.train.batch(torch.arange(len(splits.train))).sparse["hist_item_ids"].values()
+    assert int(counts["item_id"].sum()) == len(splits.train) + history.numel()
+    assert counts["item_id"].shape == (splits.feature_specs()[1].cardinality,)
