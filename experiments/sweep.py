@@ -5,7 +5,7 @@
 Each cell (method x budget x seed) trains and evaluates with the protocol of `experiments.ctr`
 (same split, early stopping and optimizer settings). A cell whose method cannot reach a budget is
 recorded as unreachable with the reason. Finished cells are skipped on a re-run, so a killed sweep
-loses at most the cells in progress. Writes `results.parquet`, `results.csv`, `summary.md` and
+loses at most the cells in progress; a finished cell keeps its row and metrics, not its checkpoints. Writes `results.parquet`, `results.csv`, `summary.md` and
 `pareto.png` to the output folder.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import multiprocessing
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -26,6 +27,7 @@ from tqdm import tqdm
 
 from experiments.common import parser
 from experiments.ctr import load_config, run
+from experiments.engine import BEST, CHECKPOINT
 
 DEFAULT_BUDGETS = ("1", "1/2", "1/4", "1/16", "1/64", "1/256")
 RESULT = "cell.json"
@@ -91,6 +93,8 @@ def run_cell(base: dict[str, Any], cell: Cell, full_bytes: int, params: dict[str
     tmp = folder / (RESULT + ".tmp")
     tmp.write_text(json.dumps(row))
     os.replace(tmp, folder / RESULT)
+    for checkpoint in (CHECKPOINT, BEST):
+        (folder / checkpoint).unlink(missing_ok=True)
     return row
 
 
@@ -120,7 +124,8 @@ def sweep(base: dict[str, Any], cells: list[Cell], params: dict[str, Any], out: 
     todo = [c for c in cells if finished(out, c) is None]
     progress = tqdm(total=len(cells), initial=len(cells) - len(todo), unit="cell", desc="sweep")
     if jobs > 1:
-        with ProcessPoolExecutor(jobs) as pool:
+        # Spawned, not forked: a forked worker would inherit this process's gloo group.
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = [pool.submit(run_cell, base, c, full_bytes, params, str(out), threads) for c in todo]
             for future in futures:
                 rows.append(future.result())

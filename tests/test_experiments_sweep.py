@@ -27,6 +27,7 @@ def test_tiny_sweep_writes_outputs_and_rerun_does_no_training(tmp_path, monkeypa
                       ("hashing_trick", "1"): "ok", ("hashing_trick", "1/4"): "ok"}
     assert "below" in results.filter(pl.col("status") == "unreachable")["reason"][0]
     assert "**" in (tmp_path / "summary.md").read_text()
+    assert not list(tmp_path.glob("cells/*/*.pt"))
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished cell was trained again")
@@ -34,3 +35,11 @@ def test_tiny_sweep_writes_outputs_and_rerun_does_no_training(tmp_path, monkeypa
     monkeypatch.setattr(sweep, "run", no_training)
     sweep.main()
     assert pl.read_parquet(tmp_path / "results.parquet").height == 4
+
+
+def test_parallel_cells_give_the_same_rows(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["sweep", *ARGS, "--jobs", "2", "--threads", "1", "--out", str(tmp_path)])
+    sweep.main()
+    results = pl.read_parquet(tmp_path / "results.parquet")
+    assert results.height == 4
+    assert results.filter(pl.col("status") == "ok").height == 3
