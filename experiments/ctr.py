@@ -102,14 +102,18 @@ def train_config(table: dict[str, Any]) -> TrainConfig:
     return TrainConfig(**table)
 
 
-def embedding_spec(table: dict[str, Any], splits: DatasetSplits, optimizer: embtab.SparseOptimizer) -> embtab.EmbeddingSpec:
+def embedding_spec(
+    table: dict[str, Any], splits: DatasetSplits, optimizer: embtab.SparseOptimizer
+) -> embtab.EmbeddingSpec:
     """The dataset's features with the configured width and method (sized to a budget if one is set)."""
     settings = dict(table)
     budget = settings.pop("budget_bytes", None)
     min_fill = float(settings.pop("budget_min_fill", 0.9))
     if budget:
         settings["method"] = _with_placeholder_size(settings.get("method", {"name": "full"}))
-    spec = embtab.EmbeddingSpec.from_dict({**settings, "features": [asdict(f) for f in splits.feature_specs()]})
+    spec = embtab.EmbeddingSpec.from_dict(
+        {**settings, "features": [asdict(f) for f in splits.feature_specs()]}
+    )
     if budget:
         spec = solve_budget(spec, int(budget), optimizer, min_fill=min_fill).spec
     return spec
@@ -138,7 +142,9 @@ def run(config: dict[str, Any], out_dir: str | Path, stop_after_steps: int | Non
         model_settings["id_counts"] = splits.id_counts()
     model = build_model(model_settings.pop("name"), tables, dense_dim=splits.dense_dim, **model_settings)
     memory = tables.memory_bytes(train.sparse())
-    dense_parameters = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in tables.parameters())
+    dense_parameters = sum(p.numel() for p in model.parameters()) - sum(
+        p.numel() for p in tables.parameters()
+    )
     embedding_parameters = memory.parameter_bytes // 4
     trainer = Trainer(model, splits, train, out_dir, stop_after_steps=stop_after_steps)
     result = trainer.fit()
@@ -171,7 +177,9 @@ def print_summary(summary: dict[str, Any]) -> None:
 def main() -> None:
     p = parser(__doc__.splitlines()[0], "results/ctr")
     p.add_argument("--config", help="TOML file with [data], [model], [embedding], [train]")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value"
+    )
     for name, (_, _, kind) in FLAGS.items():
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind)
     args = p.parse_args()

@@ -145,13 +145,21 @@ class Trainer:
         """Run the rest of the current epoch; False if stopped early by `stop_after_steps`."""
         state, config = self.state, self.config
         loader = make_dataloader(
-            self.splits.train, config.batch_size, shuffle=True, seed=config.seed, epoch=state.epoch,
+            self.splits.train,
+            config.batch_size,
+            shuffle=True,
+            seed=config.seed,
+            epoch=state.epoch,
             start_batch=state.batch,
         )
         self.model.train()
         progress = tqdm(
-            total=len(loader) + state.batch, initial=state.batch, disable=not config.progress,
-            desc=f"epoch {state.epoch + 1}", unit="batch", leave=False,
+            total=len(loader) + state.batch,
+            initial=state.batch,
+            disable=not config.progress,
+            desc=f"epoch {state.epoch + 1}",
+            unit="batch",
+            leave=False,
         )
         tick = time.perf_counter()
         for batch in loader:
@@ -180,8 +188,13 @@ class Trainer:
         state = self.state
         valid = self.evaluate(self.splits.valid)
         state.history.append(
-            {"epoch": state.epoch + 1, "step": state.step, "valid_auc": valid.auc, "valid_logloss": valid.logloss,
-             "train_samples_per_s": state.train_samples / max(state.train_seconds, 1e-9)}
+            {
+                "epoch": state.epoch + 1,
+                "step": state.step,
+                "valid_auc": valid.auc,
+                "valid_logloss": valid.logloss,
+                "train_samples_per_s": state.train_samples / max(state.train_seconds, 1e-9),
+            }
         )
         pl.DataFrame(state.history).write_csv(self.out_dir / METRICS)
         state.epoch += 1

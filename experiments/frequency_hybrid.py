@@ -27,7 +27,11 @@ def hybrid_overrides(config: dict[str, Any], hot_share: float) -> dict[str, dict
     splits = load_dataset(data.pop("name"), **data)
     counts = splits.id_counts()
     return {
-        table: {"name": "hashing_trick", "rows": 64, "hot_ids": list(hottest_ids(found, int(hot_share * len(found))))}
+        table: {
+            "name": "hashing_trick",
+            "rows": 64,
+            "hot_ids": list(hottest_ids(found, int(hot_share * len(found)))),
+        }
         for table, found in counts.items()
     }
 
@@ -47,9 +51,16 @@ def main() -> None:
     for seed in range(args.seeds):
         for name, overrides in variants.items():
             embedding = {
-                **base["embedding"], "budget_bytes": budget, "method": {"name": "hashing_trick"}, "table_methods": overrides,
+                **base["embedding"],
+                "budget_bytes": budget,
+                "method": {"name": "hashing_trick"},
+                "table_methods": overrides,
             }
-            config = {**base, "embedding": embedding, "train": {**base["train"], "seed": 2024 + seed, "progress": False}}
+            config = {
+                **base,
+                "embedding": embedding,
+                "train": {**base["train"], "seed": 2024 + seed, "progress": False},
+            }
             results[name].append(run(config, out / f"{name}_seed{seed}")["test_auc"])
     summary = {
         name: {"test_auc": aucs, "mean": statistics.mean(aucs), "std": statistics.pstdev(aucs)}
@@ -57,7 +68,10 @@ def main() -> None:
     }
     for name, row in summary.items():
         print(f"{name:8s} test AUC {row['mean']:.4f} ± {row['std']:.4f} over {args.seeds} seeds")
-    write_json(out / "summary.json", {"budget": args.budget, "budget_bytes": budget, "hot_share": args.hot_share, "results": summary})
+    write_json(
+        out / "summary.json",
+        {"budget": args.budget, "budget_bytes": budget, "hot_share": args.hot_share, "results": summary},
+    )
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@
 Each cell (method x budget x seed) trains and evaluates with the protocol of `experiments.ctr`
 (same split, early stopping and optimizer settings). A cell whose method cannot reach a budget is
 recorded as unreachable with the reason. Finished cells are skipped on a re-run, so a killed sweep
-loses at most the cells in progress; a finished cell keeps its row and metrics, not its checkpoints. Writes `results.parquet`, `results.csv`, `summary.md` and
-`pareto.png` to the output folder.
+loses at most the cells in progress; a finished cell keeps its row and metrics, not its
+checkpoints. Writes `results.parquet`, `results.csv`, `summary.md` and `pareto.png` to the output
+folder.
 """
 
 from __future__ import annotations
@@ -62,7 +63,9 @@ def cell_config(base: dict[str, Any], cell: Cell, full_bytes: int, params: dict[
     return config
 
 
-def run_cell(base: dict[str, Any], cell: Cell, full_bytes: int, params: dict[str, Any], out: str, threads: int) -> dict[str, Any]:
+def run_cell(
+    base: dict[str, Any], cell: Cell, full_bytes: int, params: dict[str, Any], out: str, threads: int
+) -> dict[str, Any]:
     """Train one cell (in a worker process when --jobs > 1) and record its row."""
     config = cell_config(base, cell, full_bytes, params)
     config["train"]["threads"] = threads
@@ -118,7 +121,9 @@ def finished(out: Path, cell: Cell) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def sweep(base: dict[str, Any], cells: list[Cell], params: dict[str, Any], out: Path, jobs: int, threads: int) -> pl.DataFrame:
+def sweep(
+    base: dict[str, Any], cells: list[Cell], params: dict[str, Any], out: Path, jobs: int, threads: int
+) -> pl.DataFrame:
     full_bytes = full_table_bytes(base)
     rows = [r for c in cells if (r := finished(out, c)) is not None]
     todo = [c for c in cells if finished(out, c) is None]
@@ -149,9 +154,16 @@ def summarize(results: pl.DataFrame) -> str:
     )
     budgets = sorted(results["budget"].unique().to_list(), key=_budget_order)
     methods = sorted(results["method"].unique().to_list())
-    best = {b: stats.filter(pl.col("budget") == b).sort("auc", descending=True)["method"].head(1).to_list() for b in budgets}
-    lines = ["| method | " + " | ".join(f"{b} of full" if budget_fraction(b) is not None else b for b in budgets) + " |",
-             "|---" * (len(budgets) + 1) + "|"]
+    best = {
+        b: stats.filter(pl.col("budget") == b).sort("auc", descending=True)["method"].head(1).to_list()
+        for b in budgets
+    }
+    lines = [
+        "| method | "
+        + " | ".join(f"{b} of full" if budget_fraction(b) is not None else b for b in budgets)
+        + " |",
+        "|---" * (len(budgets) + 1) + "|",
+    ]
     for method in methods:
         cells = []
         for b in budgets:
@@ -187,7 +199,9 @@ def pareto_plot(results: pl.DataFrame, path: Path) -> None:
 
     ok = results.filter(pl.col("status") == "ok")
     stats = ok.group_by("method", "budget").agg(
-        pl.col("bytes").mean(), pl.col("test_auc").mean().alias("auc"), pl.col("test_auc").std().fill_null(0.0).alias("std")
+        pl.col("bytes").mean(),
+        pl.col("test_auc").mean().alias("auc"),
+        pl.col("test_auc").std().fill_null(0.0).alias("std"),
     )
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method in sorted(stats["method"].unique().to_list()):
@@ -195,7 +209,14 @@ def pareto_plot(results: pl.DataFrame, path: Path) -> None:
         if method == "full":
             ax.axhline(part["auc"].max(), color="black", linestyle="--", linewidth=1, label="full table")
             continue
-        ax.errorbar(part["bytes"].to_list(), part["auc"].to_list(), yerr=part["std"].to_list(), marker="o", capsize=3, label=method)
+        ax.errorbar(
+            part["bytes"].to_list(),
+            part["auc"].to_list(),
+            yerr=part["std"].to_list(),
+            marker="o",
+            capsize=3,
+            label=method,
+        )
     ax.set_xscale("log")
     ax.set_xlabel("embedding bytes (weights + optimizer state)")
     ax.set_ylabel("test AUC")
@@ -224,22 +245,36 @@ def main() -> None:
     p.add_argument("--model")
     p.add_argument("--epochs", type=int)
     p.add_argument("--methods", nargs="+", help="default: every registered method")
-    p.add_argument("--budgets", nargs="+", default=list(DEFAULT_BUDGETS), help="fractions of the full table (1/16) or bytes (1048576B)")
+    p.add_argument(
+        "--budgets",
+        nargs="+",
+        default=list(DEFAULT_BUDGETS),
+        help="fractions of the full table (1/16) or bytes (1048576B)",
+    )
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--min-fill", type=float, default=0.9, help="a cell must use at least this share of its budget")
+    p.add_argument(
+        "--min-fill", type=float, default=0.9, help="a cell must use at least this share of its budget"
+    )
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--threads", type=int, default=2, help="threads per cell")
     args = p.parse_args()
     from embtab.methods import METHODS
 
-    base = load_config(args.config, args.set, {"dataset": args.dataset, "model": args.model, "epochs": args.epochs})
+    base = load_config(
+        args.config, args.set, {"dataset": args.dataset, "model": args.model, "epochs": args.epochs}
+    )
     methods = args.methods or sorted(METHODS)
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; registered: {sorted(METHODS)}")
     params = base.pop("method_params", {})
     base["embedding"]["budget_min_fill"] = args.min_fill
-    cells = [Cell(m, b, base.get("train", {}).get("seed", 2024) + s) for m in methods for b in args.budgets for s in range(args.seeds)]
+    cells = [
+        Cell(m, b, base.get("train", {}).get("seed", 2024) + s)
+        for m in methods
+        for b in args.budgets
+        for s in range(args.seeds)
+    ]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = sweep(base, cells, params, out, args.jobs, args.threads)

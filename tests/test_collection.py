@@ -17,13 +17,15 @@ POOLED = (
 )
 
 
-
-
 def fused_reference(tables: embtab.EmbeddingTables, optimizer, kwargs) -> FusedEmbeddingBagCollection:
     """torchrec's own unsharded fused EBC over the same tables, initialized with the same weights."""
     configs = [
-        EmbeddingBagConfig(name=c.name, num_embeddings=c.num_embeddings, embedding_dim=c.embedding_dim,
-                           feature_names=c.feature_names)
+        EmbeddingBagConfig(
+            name=c.name,
+            num_embeddings=c.num_embeddings,
+            embedding_dim=c.embedding_dim,
+            feature_names=c.feature_names,
+        )
         for c in tables.ebc.embedding_bag_configs()
     ]
     reference = FusedEmbeddingBagCollection(configs, optimizer_type=optimizer, optimizer_kwargs=kwargs)
@@ -111,7 +113,8 @@ def test_shared_table_is_one_allocation_and_fused_training_updates_it():
     with pytest.raises(ValueError, match="'hist': sample 1 has an empty bag"):
         dmp(kjt)
     kjt = KeyedJaggedTensor.from_lengths_sync(
-        keys=["user", "item", "hist", "recent"], values=torch.tensor([1, 5, 6, 7]),
+        keys=["user", "item", "hist", "recent"],
+        values=torch.tensor([1, 5, 6, 7]),
         lengths=torch.tensor([1, 1, 1, 1]),
     )
     out = dmp(kjt)
@@ -152,8 +155,14 @@ def _kjt(keys, values, lengths):
 @pytest.mark.parametrize(
     "kjt,message",
     [
-        (_kjt(["user", "item", "tags"], [3, -1, 2], [1, 1, 1]), r"'item': id -1 is out of range; expected 0 <= id < 60"),
-        (_kjt(["user", "item", "tags"], [100, 1, 2], [1, 1, 1]), r"'user': id 100 is out of range; expected 0 <= id < 100"),
+        (
+            _kjt(["user", "item", "tags"], [3, -1, 2], [1, 1, 1]),
+            r"'item': id -1 is out of range; expected 0 <= id < 60",
+        ),
+        (
+            _kjt(["user", "item", "tags"], [100, 1, 2], [1, 1, 1]),
+            r"'user': id 100 is out of range; expected 0 <= id < 100",
+        ),
         (_kjt(["user", "item", "tags", "zip"], [1, 1, 2, 0], [1, 1, 1, 1]), r"unknown feature 'zip'"),
         (_kjt(["user", "item"], [1, 1], [1, 1]), r"feature 'tags' is missing"),
         (_kjt(["user", "item", "tags"], [1, 1, 2], [1, 1, 2]), r"lengths add up to 4 ids but 3 values"),

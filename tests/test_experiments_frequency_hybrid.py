@@ -7,7 +7,14 @@ from experiments.frequency_hybrid import hybrid_overrides
 
 
 def test_hot_ids_are_each_tables_most_frequent_training_ids():
-    data = {"name": "synthetic", "num_samples": 2000, "num_fields": 2, "cardinalities": 100, "dense_dim": 0, "zipf_a": 1.3}
+    data = {
+        "name": "synthetic",
+        "num_samples": 2000,
+        "num_fields": 2,
+        "cardinalities": 100,
+        "dense_dim": 0,
+        "zipf_a": 1.3,
+    }
     overrides = hybrid_overrides({"data": data}, hot_share=0.1)
     counts = load_dataset("synthetic", **{k: v for k, v in data.items() if k != "name"}).id_counts()
     assert set(overrides) == set(counts) == {"C1", "C2"}
