@@ -29,3 +29,14 @@ def movielens_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def movielens_tables(movielens_root: Path) -> MovieLensTables:
     return read_recbole_100k(movielens_root / "ml-100k")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny batches: one intra-op thread is faster, and robust on a busy machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -21,13 +21,7 @@ CRITEO_LIKE = (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny batches: one intra-op thread is faster, and robust on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_kjt(features, batch: int, seed: int, max_len: int = 3) -> KeyedJaggedTensor:

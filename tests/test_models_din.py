@@ -23,13 +23,7 @@ FEATURES = (
 GENRE = torch.arange(40) % 6  # each item's genre, so histories stay aligned
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny batches: one intra-op thread is faster, and robust on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_batch(batch: int, seed: int, max_len: int = 5) -> KeyedJaggedTensor:

@@ -8,13 +8,7 @@ from models import MLP, Dice
 from models.layers import activation_layer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny batches: one intra-op thread is faster, and robust on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hand_dice(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, alpha: torch.Tensor, eps: float = 1e-9):
