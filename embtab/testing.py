@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+import os
+from typing import Callable, Sequence
 
 import torch
 from torchrec import KeyedJaggedTensor
@@ -34,3 +35,26 @@ def random_kjt(
     return KeyedJaggedTensor.from_lengths_sync(
         keys=[f.name for f in features], values=torch.cat(values), lengths=torch.cat(lengths)
     )
+
+
+def reference_pooled(
+    features: Sequence[FeatureSpec],
+    kjt: KeyedJaggedTensor,
+    vectors_of: Callable[[str, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """The pooled features of `kjt` computed bag by bag, an independent reference for tests:
+    `vectors_of(table_name, ids)` gives the ``[n, dim]`` vectors of `ids`; sums, or means."""
+    per_key, pooled = kjt.to_dict(), []
+    for feature in (f for f in features if not f.is_sequence):
+        bags = per_key[feature.name].to_dense()
+        sums = torch.stack([vectors_of(feature.table_name, ids).sum(0) for ids in bags])
+        if feature.pooling == "mean":
+            sums = sums / torch.tensor([len(ids) for ids in bags]).unsqueeze(1)
+        pooled.append(sums)
+    return torch.cat(pooled, 1)
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process now (Linux); torch's allocations are invisible to tracemalloc."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

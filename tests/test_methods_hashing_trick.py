@@ -12,7 +12,7 @@ from torchrec import KeyedJaggedTensor
 
 import embtab
 from embtab.shard import physical_weights
-from embtab.testing import random_kjt
+from embtab.testing import random_kjt, rss_bytes
 from embtab.config import LogicalTable
 from embtab.hashing import hash_to_range, salt_of
 from embtab.methods import METHODS, method_from_dict
@@ -136,12 +136,6 @@ def test_hottest_ids_ranks_by_count_and_breaks_ties_by_id():
     assert hottest_ids(counts, 0) == ()
     with pytest.raises(ValueError, match="1-d integer tensor"):
         hottest_ids(counts.float(), 2)
-
-
-def rss_bytes() -> int:
-    """Resident set size now (Linux); torch's allocations are invisible to tracemalloc."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="RSS is read from /proc")

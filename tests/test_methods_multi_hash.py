@@ -12,7 +12,7 @@ from torchrec import KeyedJaggedTensor
 
 import embtab
 from embtab.shard import physical_weights
-from embtab.testing import random_kjt
+from embtab.testing import random_kjt, reference_pooled, rss_bytes
 from embtab.config import LogicalTable
 from embtab.hashing import hash_to_range, salt_of
 from embtab.methods import METHODS, method_from_dict
@@ -68,14 +68,8 @@ def reference_vectors(
 
 def reference_output(kjt, spec, weights):
     """Pooled [B, 3 * DIM] for tags (sum), recent (mean), item (sum), bag by bag; hist per id."""
-    per_key, pooled = kjt.to_dict(), []
-    for feature in (f for f in FEATURES if not f.is_sequence):
-        bags = per_key[feature.name].to_dense()
-        sums = torch.stack([reference_vectors(spec, feature.table_name, weights, ids).sum(0) for ids in bags])
-        if feature.pooling == "mean":
-            sums = sums / torch.tensor([len(ids) for ids in bags]).unsqueeze(1)
-        pooled.append(sums)
-    return torch.cat(pooled, 1), reference_vectors(spec, "item", weights, per_key["hist"].values())
+    pooled = reference_pooled(FEATURES, kjt, lambda table, ids: reference_vectors(spec, table, weights, ids))
+    return pooled, reference_vectors(spec, "item", weights, kjt["hist"].values())
 
 
 CONFIGS = [
@@ -154,12 +148,6 @@ def test_probes_are_independent_hashes():
     same0 = rows[0].unsqueeze(0) == rows[0].unsqueeze(1)
     same1 = rows[1].unsqueeze(0) == rows[1].unsqueeze(1)
     assert (same0 & same1).sum() - CARD < 0.05 * (same0.sum() - CARD)
-
-
-def rss_bytes() -> int:
-    """Resident set size now (Linux); torch's allocations are invisible to tracemalloc."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="RSS is read from /proc")

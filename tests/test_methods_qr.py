@@ -13,7 +13,7 @@ from torchrec import KeyedJaggedTensor
 
 import embtab
 from embtab.shard import physical_weights
-from embtab.testing import random_kjt
+from embtab.testing import random_kjt, reference_pooled
 from embtab.config import LogicalTable
 from embtab.methods import METHODS, method_from_dict
 from embtab.methods.qr import QREmbedding, ceil_root, init_bound, partition_sizes
@@ -49,17 +49,6 @@ def reference_vectors(spec: QREmbedding, table: str, weights, ids: torch.Tensor)
     if spec.operation == "concat":
         return torch.cat(parts, 1)
     return math.prod(parts[1:], start=parts[0]) if spec.operation == "mult" else sum(parts[1:], parts[0])
-
-
-def reference_pooled(spec, weights, kjt) -> torch.Tensor:
-    per_key, pooled = kjt.to_dict(), []
-    for feature in (f for f in FEATURES if not f.is_sequence):
-        bags = per_key[feature.name].to_dense()
-        sums = torch.stack([reference_vectors(spec, feature.table_name, weights, ids).sum(0) for ids in bags])
-        if feature.pooling == "mean":
-            sums = sums / torch.tensor([len(ids) for ids in bags]).unsqueeze(1)
-        pooled.append(sums)
-    return torch.cat(pooled, 1)
 
 
 def test_partition_sizes_cover_the_ids_with_near_equal_digits():
@@ -116,7 +105,8 @@ def test_outputs_and_one_fused_sgd_step_match_a_per_id_reference(operation, part
     weights = physical_weights(tables)
     kjt = random_kjt(FEATURES, batch=6, seed=2, max_len=4)
     out = tables(kjt)
-    torch.testing.assert_close(out.pooled.values(), reference_pooled(spec, weights, kjt))
+    expected = reference_pooled(FEATURES, kjt, lambda table, ids: reference_vectors(spec, table, weights, ids))
+    torch.testing.assert_close(out.pooled.values(), expected)
     hist = kjt.to_dict()["hist"].values()
     torch.testing.assert_close(out.sequence["hist"].values(), reference_vectors(spec, "item", weights, hist))
     if operation == "mult" and partitions == 2:  # the test tells per-id from pool-first (DLRM bug)
