@@ -1,0 +1,74 @@
+"""An offloaded table: the full table lives in a backing store; a cache of its rows is fused.
+
+The method's one physical table is the cache, ``cache_rows x dim``, in the same fused torchrec
+collection as every other table, so fbgemm's kernels and fused optimizer train it unchanged. The
+remap is the cache's slot map: id -> slot. The rows of a batch must be cached before its forward;
+`embtab.offload.Prefetcher` does that in a background thread while earlier batches train (see
+`embtab.offload` for the store, the cache and the eviction policies).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from embtab.config import LogicalTable, MethodSpec
+from embtab.methods.base import PhysicalTable, TableMethod
+
+if TYPE_CHECKING:
+    from embtab.offload.cache import RowCache
+
+
+@dataclass(frozen=True)
+class Offloaded(MethodSpec):
+    """The full table in a backing store (RAM or an mmap file) behind a fused cache.
+
+    Args:
+        cache_rows: slots of the cache (the fused physical table); at least the distinct rows of
+            the batches in flight, at most the table's cardinality.
+        policy: eviction policy, one of ``"lru"``, ``"lfu"``, ``"lookahead"``.
+    """
+
+    name = "offloaded"
+
+    cache_rows: int
+    policy: str = "lookahead"
+
+    def build(self, table: LogicalTable) -> "OffloadedMethod":
+        from embtab.offload.policy import POLICIES  # the offload package imports this module
+
+        rows = self.cache_rows
+        if not isinstance(rows, int) or isinstance(rows, bool) or not 1 <= rows <= table.cardinality:
+            raise ValueError(
+                f"table {table.name!r} (offloaded): cache_rows must be an integer in "
+                f"[1, {table.cardinality}] (the table's cardinality), got {rows!r}"
+            )
+        if self.policy not in POLICIES:
+            raise ValueError(
+                f"table {table.name!r} (offloaded): unknown eviction policy {self.policy!r}; "
+                f"expected one of {POLICIES}"
+            )
+        return OffloadedMethod(table, self)
+
+
+class OffloadedMethod(TableMethod):
+    """Remap ids to cache slots through the slot map of the attached `RowCache`."""
+
+    def __init__(self, table: LogicalTable, spec: Offloaded) -> None:
+        super().__init__(table)
+        self.spec = spec
+        self.physical_tables = (PhysicalTable(table.name, spec.cache_rows, table.dim),)
+        self.cache: RowCache | None = None
+
+    def remap(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.cache is None:
+            raise RuntimeError(
+                f"offloaded table {self.table.name!r} has no backing store; expected "
+                "embtab.offload.attach(model, stores) before the first forward"
+            )
+        return self.cache.slots_of(ids).unsqueeze(0)
+
+    def combine(self, vectors: list[torch.Tensor]) -> torch.Tensor:
+        return vectors[0]

@@ -1,0 +1,134 @@
+"""Bind backing stores to a model's offloaded tables: `attach(model, stores) -> Offload`."""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from typing import Mapping
+
+import torch
+from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torchrec import KeyedJaggedTensor
+
+from embtab.collection import EmbeddingTables
+from embtab.methods.offloaded import OffloadedMethod
+from embtab.offload.cache import CacheStats, RowCache
+from embtab.offload.policy import make_policy
+from embtab.offload.store import RowStore
+
+
+class Offload:
+    """The row caches of a model's offloaded tables, by logical table name.
+
+    `clock` counts the batches admitted so far over every prefetcher (the caches' batch numbers);
+    at most one `Prefetcher` drives the caches at a time.
+    """
+
+    def __init__(self, caches: dict[str, RowCache]) -> None:
+        self.caches = caches
+        self.clock = 0
+        self.active = False
+        self._keys: tuple[str, ...] = ()
+        self._features: dict[str, list[int]] = {}
+
+    def rows_of(self, kjt: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
+        """The distinct logical rows of each offloaded table that `kjt` reads (int64, CPU)."""
+        keys = tuple(kjt.keys())
+        if keys != self._keys:
+            self._features = {
+                name: [keys.index(f) for f in cache.features if f in keys] for name, cache in self.caches.items()
+            }
+            self._keys = keys
+        bounds = [0, *torch.tensor(kjt.length_per_key()).cumsum(0).tolist()]
+        values = kjt.values().to("cpu", torch.int64)
+        return {
+            name: torch.unique(torch.cat([values[bounds[i] : bounds[i + 1]] for i in positions]))
+            for name, positions in self._features.items()
+        }
+
+    def locks(self) -> ExitStack:
+        """Hold every cache's lock (in a fixed order) until the returned stack exits."""
+        stack = ExitStack()
+        for cache in self.caches.values():
+            stack.enter_context(cache.lock)
+        return stack
+
+    def set_done(self, step: int) -> None:
+        """Batches up to `step` have finished their training step: their slots may be evicted."""
+        for cache in self.caches.values():
+            cache.done = step
+
+    def flush(self) -> None:
+        """Write every dirty cached row back to its store (checkpoint, evaluation, end of training)."""
+        for cache in self.caches.values():
+            cache.flush()
+
+    def stats(self) -> dict[str, CacheStats]:
+        return {name: cache.stats for name, cache in self.caches.items()}
+
+
+def attach(model: nn.Module, stores: Mapping[str, RowStore]) -> Offload:
+    """Give every offloaded table of `model` its store; returns the caches to prefetch with.
+
+    Call it after `embtab.fuse` (on the `DistributedModelParallel`), so the caches write into the
+    fused kernels' weights and fused optimizer state in place. Every store must match its table:
+    cardinality rows of the table's width, with the fused optimizer's state per row.
+    """
+    weights = {k: _local(v) for k, v in model.state_dict().items() if _is_table_weight(k)}
+    states = _optimizer_states(model)
+    caches: dict[str, RowCache] = {}
+    for tables in (m for m in model.modules() if isinstance(m, EmbeddingTables)):
+        for name, method in tables.methods.items():
+            if not isinstance(method, OffloadedMethod):
+                continue
+            physical = method.physical_tables[0]
+            key = _only_key(weights, physical.name)
+            if name not in stores:
+                raise ValueError(f"offloaded table {name!r} has no store; expected stores for {sorted(stores)}")
+            state = states.get(key, torch.zeros(physical.rows, 0))
+            state = state.view(physical.rows, -1)
+            store = stores[name]
+            store.check_table(name, method.table.cardinality, physical.dim, int(state.shape[1]))
+            features = [f.name for f in method.table.features]
+            policy = make_policy(method.spec.policy, physical.rows, store.rows, name)
+            caches[name] = method.cache = RowCache(name, features, store, weights[key], state, policy)
+    unused = sorted(set(stores) - set(caches))
+    if unused:
+        raise ValueError(f"stores given for {unused}, which are not offloaded tables; expected {sorted(caches)}")
+    return Offload(caches)
+
+
+def _is_table_weight(key: str) -> bool:
+    return key.endswith(".weight") and (".embedding_bags." in key or ".embeddings." in key)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor this process holds (a view of the fused storage for a table-wise shard)."""
+    if isinstance(tensor, ShardedTensor):
+        shards = tensor.local_shards()
+        if len(shards) != 1 or tuple(shards[0].tensor.shape) != tuple(tensor.size()):
+            raise ValueError("offloaded tables must be whole on one rank (table-wise sharding)")
+        return shards[0].tensor
+    return tensor
+
+
+def _only_key(weights: dict[str, torch.Tensor], table: str) -> str:
+    keys = [k for k in weights if k.split(".")[-2] == table]
+    if len(keys) != 1:
+        raise ValueError(f"offloaded table {table!r}: expected one fused weight, found {keys}")
+    return keys[0]
+
+
+def _optimizer_states(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The fused optimizer's per-row state of each table weight (views), by weight key."""
+    fused = getattr(model, "fused_optimizer", None)
+    if fused is None:
+        return {}
+    out = {}
+    for key, per_param in fused.state_dict()["state"].items():
+        tensors = [_local(v) for v in per_param.values() if isinstance(v, (torch.Tensor, ShardedTensor))]
+        if len(tensors) > 1:
+            raise ValueError(f"{key!r}: offloading supports one optimizer state tensor per table, found {len(tensors)}")
+        if tensors:
+            out[key] = tensors[0]
+    return out

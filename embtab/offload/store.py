@@ -1,0 +1,253 @@
+"""Backing stores: the whole table and its optimizer state, outside the fast memory.
+
+A store holds ``rows x dim`` float32 weights and ``rows x state_width`` float32 optimizer state
+(0 for SGD, 1 for row-wise Adagrad, ``dim`` for Adagrad). The cache (`embtab.offload.cache`) reads
+the rows it admits and writes back the dirty rows it evicts; between those two moments the cached
+copy is the only authoritative one.
+
+- `RamStore`: host tensors (pinned when CUDA is present, so copies to the GPU are asynchronous).
+- `MmapStore`: a memory-mapped file for tables larger than RAM, created, opened, flushed and
+  closed explicitly. A 4 KiB header records the shape; `open` rejects a file that does not match
+  the table. Reads touch only the pages of the rows read (``MADV_RANDOM``: no read-ahead), and the
+  mapping drops its resident pages every `resident_bytes` of traffic, so the process's RSS stays
+  near the cache's size rather than growing towards the table's (the pages stay in the kernel's
+  page cache and are re-read from there or from disk).
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+from pathlib import Path
+
+import torch
+
+MAGIC = b"EMBTAB-ROW-STORE"
+HEADER_BYTES = 4096
+FORMAT_VERSION = 1
+INIT_CHUNK_ROWS = 1 << 20
+
+
+def default_init_bound(rows: int) -> float:
+    """torchrec's default initialization range: U(-sqrt(1/rows), sqrt(1/rows))."""
+    return (1.0 / rows) ** 0.5
+
+
+class RowStore:
+    """Common interface of the backing stores: gather and scatter whole rows with their state."""
+
+    name: str
+    rows: int
+    dim: int
+    state_width: int
+    weights: torch.Tensor
+    state: torch.Tensor
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes one row moves (weights and optimizer state)."""
+        return (self.dim + self.state_width) * 4
+
+    @torch.no_grad()
+    def read(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weights ``[n, dim]`` and state ``[n, state_width]`` of `rows` (int64, on the CPU)."""
+        return self.weights.index_select(0, rows), self.state.index_select(0, rows)
+
+    @torch.no_grad()
+    def write(self, rows: torch.Tensor, weights: torch.Tensor, state: torch.Tensor) -> None:
+        """Overwrite `rows` with `weights` and `state` (CPU tensors)."""
+        self.weights.index_copy_(0, rows, weights)
+        if self.state_width:
+            self.state.index_copy_(0, rows, state)
+
+    def flush(self) -> None:
+        """Make every write durable (a no-op in RAM)."""
+
+    def close(self) -> None:
+        """Release the store's memory or mapping."""
+
+    def check_table(self, table: str, rows: int, dim: int, state_width: int) -> None:
+        """Raise unless this store has the shape of `table` with `state_width` state floats per row."""
+        if (self.rows, self.dim, self.state_width) != (rows, dim, state_width):
+            raise ValueError(
+                f"offloaded table {table!r}: the store {self.name!r} holds {self.rows} x {self.dim} "
+                f"rows with {self.state_width} optimizer float(s) per row; expected {rows} x {dim} "
+                f"with {state_width} (the table's cardinality, width and sparse optimizer)"
+            )
+
+
+class RamStore(RowStore):
+    """The table in host memory (pinned when CUDA is available)."""
+
+    def __init__(self, weights: torch.Tensor, state: torch.Tensor | None = None, name: str = "ram") -> None:
+        if weights.ndim != 2 or weights.dtype != torch.float32:
+            raise ValueError(f"store {name!r}: weights must be a float32 matrix, got {weights.dtype} {tuple(weights.shape)}")
+        state = torch.zeros(weights.shape[0], 0) if state is None else state.reshape(weights.shape[0], -1)
+        pin = torch.cuda.is_available()
+        self.weights = weights.contiguous().pin_memory() if pin else weights.contiguous()
+        self.state = state.to(torch.float32).contiguous()
+        self.state = self.state.pin_memory() if pin and self.state.numel() else self.state
+        self.name = name
+        self.rows, self.dim = (int(s) for s in weights.shape)
+        self.state_width = int(self.state.shape[1])
+
+    @classmethod
+    def create(cls, rows: int, dim: int, state_width: int, seed: int = 0, name: str = "ram") -> "RamStore":
+        """A fresh table with torchrec's default init (seeded) and zero optimizer state."""
+        weights = torch.cat([initial_rows(first, rows, dim, seed) for first in range(0, rows, INIT_CHUNK_ROWS)])
+        return cls(weights, torch.zeros(rows, state_width), name)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """A copy of the weights and state (call the cache's `flush` first)."""
+        return {"weights": self.weights.clone(), "state": self.state.clone()}
+
+    def load_state_dict(self, saved: dict[str, torch.Tensor]) -> None:
+        """Restore a `state_dict` of a store of the same shape."""
+        self.check_table(self.name, *saved["weights"].shape, saved["state"].shape[1])
+        self.weights.copy_(saved["weights"])
+        self.state.copy_(saved["state"])
+
+
+class MmapStore(RowStore):
+    """The table in a memory-mapped file; use `create` or `open`, then `close` (or ``with``)."""
+
+    def __init__(self, path: Path, meta: dict, resident_bytes: int) -> None:
+        self.path, self.name = path, str(path)
+        self.rows, self.dim, self.state_width = meta["rows"], meta["dim"], meta["state_width"]
+        self.resident_bytes = resident_bytes
+        self._touched = 0
+        self._file = open(path, "r+b")
+        self._map = mmap.mmap(self._file.fileno(), 0)
+        self._map.madvise(mmap.MADV_RANDOM)
+        weight_count, state_count = self.rows * self.dim, self.rows * self.state_width
+        self.weights = torch.frombuffer(self._map, dtype=torch.float32, count=weight_count, offset=HEADER_BYTES)
+        self.weights = self.weights.view(self.rows, self.dim)
+        self.state = torch.frombuffer(
+            self._map, dtype=torch.float32, count=state_count, offset=HEADER_BYTES + 4 * weight_count
+        ).view(self.rows, self.state_width) if state_count else torch.zeros(self.rows, 0)
+
+    @staticmethod
+    def file_bytes(rows: int, dim: int, state_width: int) -> int:
+        return HEADER_BYTES + 4 * rows * (dim + state_width)
+
+    @classmethod
+    def create(
+        cls,
+        path: str | Path,
+        rows: int,
+        dim: int,
+        state_width: int,
+        seed: int = 0,
+        resident_bytes: int = 256 << 20,
+    ) -> "MmapStore":
+        """Write a new store file (torchrec's default init, zero state) chunk by chunk and open it.
+
+        The chunks go through ordinary file writes, never through the mapping, so creating a
+        table larger than RAM needs only one chunk (`INIT_CHUNK_ROWS` rows) of memory.
+        """
+        path = Path(path)
+        meta = {"version": FORMAT_VERSION, "rows": rows, "dim": dim, "state_width": state_width, "dtype": "float32"}
+        with open(path, "wb") as f:
+            f.write(_header(meta))
+            for first in range(0, rows, INIT_CHUNK_ROWS):
+                f.write(initial_rows(first, rows, dim, seed).numpy().tobytes())
+            f.truncate(cls.file_bytes(rows, dim, state_width))
+        return cls(path, meta, resident_bytes)
+
+    @classmethod
+    def open(
+        cls,
+        path: str | Path,
+        rows: int,
+        dim: int,
+        state_width: int,
+        resident_bytes: int = 256 << 20,
+    ) -> "MmapStore":
+        """Open an existing store file, checking that it holds `rows` x `dim` with `state_width`."""
+        path = Path(path)
+        meta = _read_header(path)
+        expected = {"version": FORMAT_VERSION, "rows": rows, "dim": dim, "state_width": state_width, "dtype": "float32"}
+        if meta != expected:
+            raise ValueError(
+                f"store file {str(path)!r} holds {_describe(meta)}; expected {_describe(expected)} "
+                "(create a store for this table with MmapStore.create)"
+            )
+        size = path.stat().st_size
+        if size != cls.file_bytes(rows, dim, state_width):
+            raise ValueError(
+                f"store file {str(path)!r} is {size} bytes; expected {cls.file_bytes(rows, dim, state_width)} "
+                f"for {_describe(meta)} (the file is truncated or was written by something else)"
+            )
+        return cls(path, meta, resident_bytes)
+
+    def read(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = super().read(rows)
+        self._count(rows.numel())
+        return out
+
+    def write(self, rows: torch.Tensor, weights: torch.Tensor, state: torch.Tensor) -> None:
+        super().write(rows, weights, state)
+        self._count(rows.numel())
+
+    def _count(self, rows: int) -> None:
+        """Drop the mapping's resident pages after `resident_bytes` of traffic (dirty pages stay
+        in the page cache and reach the file; MADV_DONTNEED only unmaps them from this process)."""
+        self._touched += rows * mmap.PAGESIZE
+        if self._touched >= self.resident_bytes:
+            self._map.madvise(mmap.MADV_DONTNEED)
+            self._touched = 0
+
+    def flush(self) -> None:
+        """Write dirty pages to the file (msync)."""
+        self._map.flush()
+
+    def close(self) -> None:
+        """Flush and unmap; the tensors of this store are invalid afterwards."""
+        if self._map.closed:
+            return
+        self.flush()
+        del self.weights, self.state
+        self._map.close()
+        self._file.close()
+
+    def __enter__(self) -> "MmapStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def state_width_of(optimizer_kind: str | None, dim: int) -> int:
+    """Optimizer floats per row fbgemm keeps for `optimizer_kind` (None: no optimizer state)."""
+    return {None: 0, "sgd": 0, "rowwise_adagrad": 1, "adagrad": dim}[optimizer_kind]
+
+
+def initial_rows(first: int, rows: int, dim: int, seed: int) -> torch.Tensor:
+    """Rows ``first .. first + INIT_CHUNK_ROWS`` (or to the end) of a fresh ``rows x dim`` table:
+    U(-sqrt(1/rows), sqrt(1/rows)), seeded per chunk so RAM and file stores start identical."""
+    bound = default_init_bound(rows)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + first)
+    return torch.empty(min(INIT_CHUNK_ROWS, rows - first), dim).uniform_(-bound, bound, generator=generator)
+
+
+def _header(meta: dict) -> bytes:
+    body = MAGIC + b"\n" + json.dumps(meta, sort_keys=True).encode()
+    return body.ljust(HEADER_BYTES, b"\0")
+
+
+def _read_header(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"store file {str(path)!r} does not exist; create it with MmapStore.create")
+    with open(path, "rb") as f:
+        head = f.read(HEADER_BYTES)
+    magic, _, body = head.partition(b"\n")
+    if magic != MAGIC:
+        raise ValueError(f"{str(path)!r} is not an embtab row store (no {MAGIC.decode()} header)")
+    return json.loads(body.rstrip(b"\0"))
+
+
+def _describe(meta: dict) -> str:
+    return (
+        f"{meta.get('rows')} x {meta.get('dim')} {meta.get('dtype')} rows with "
+        f"{meta.get('state_width')} optimizer float(s) per row (format {meta.get('version')})"
+    )
