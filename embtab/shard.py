@@ -10,7 +10,8 @@ and a cluster.
 from __future__ import annotations
 
 import logging
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -83,21 +84,112 @@ def single_process_group() -> dist.ProcessGroup:
     return dist.GroupMember.WORLD  # type: ignore[return-value]
 
 
-def table_wise_plan(
-    model: nn.Module, process_group: dist.ProcessGroup, device: torch.device
+SHARDING_TYPES: tuple[str, ...] = tuple(t.value for t in ShardingType if t.value in (
+    "table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise", "data_parallel"
+))
+
+
+@dataclass(frozen=True)
+class ShardingConstraints:
+    """What the planner may do with each physical table, and how much memory each rank has.
+
+    Args:
+        sharding_types: allowed torchrec sharding types (``"table_wise"``, ``"row_wise"``,
+            ``"column_wise"``, ``"table_column_wise"``, ``"data_parallel"``, ...) per table; a key
+            is a physical table name (``"item_id@qr0"``) or a logical table name, which applies to
+            all of that table's physical tables.
+        default_types: the allowed types of every table not named in `sharding_types`.
+        column_shard_width: the narrowest column shard (torchrec's ``min_partition``) for the
+            column-wise types; None keeps torchrec's default.
+        rank_memory_bytes: memory per rank the planner may fill (HBM on GPUs, DDR on CPUs);
+            None keeps torchrec's default topology.
+
+    Example::
+
+        constraints = ShardingConstraints(sharding_types={"item_id": ("row_wise",)})
+        dmp = embtab.fuse(model, optimizer, process_group=group, constraints=constraints)
+    """
+
+    sharding_types: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    default_types: tuple[str, ...] = ("table_wise",)
+    column_shard_width: int | None = None
+    rank_memory_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        for table, types in [("default_types", self.default_types), *self.sharding_types.items()]:
+            unknown = [t for t in types if t not in SHARDING_TYPES]
+            if unknown or not types:
+                raise ValueError(
+                    f"sharding types for {table!r} are {list(types)}; expected a non-empty "
+                    f"subset of {list(SHARDING_TYPES)}"
+                )
+
+    def types_of(self, physical_table: str) -> tuple[str, ...]:
+        logical = physical_table.split("@")[0]
+        named = self.sharding_types.get(physical_table, self.sharding_types.get(logical))
+        return named or self.default_types
+
+    def check_tables(self, names: list[str]) -> None:
+        """Every table named in the constraints must exist (a typo would silently be ignored)."""
+        known = set(names) | {n.split("@")[0] for n in names}
+        unknown = sorted(set(self.sharding_types) - known)
+        if unknown:
+            raise ValueError(
+                f"sharding constraints name unknown tables {unknown}; the model's tables are {sorted(known)}"
+            )
+
+    def parameter_constraints(self, names: list[str]) -> dict[str, ParameterConstraints]:
+        self.check_tables(names)
+        return {
+            n: ParameterConstraints(
+                sharding_types=list(self.types_of(n)), min_partition=self.column_shard_width
+            )
+            for n in names
+        }
+
+
+def plan_sharding(
+    model: nn.Module,
+    process_group: dist.ProcessGroup,
+    device: torch.device,
+    constraints: ShardingConstraints | None = None,
 ) -> ShardingPlan:
-    """A plan that keeps every physical table whole on one rank (the default on one process)."""
+    """torchrec's planner run over every physical table of `model` with `constraints`
+    (by default every table whole on one rank); the same plan on every rank."""
+    constraints = constraints or ShardingConstraints()
     names = [n for t in embedding_tables_of(model) for n in t.physical_tables]
-    constraints = {
-        n: ParameterConstraints(sharding_types=[ShardingType.TABLE_WISE.value]) for n in names
-    }
-    topology = Topology(world_size=dist.get_world_size(process_group), compute_device=device.type)
+    world = dist.get_world_size(process_group)
+    memory = constraints.rank_memory_bytes
+    topology = Topology(
+        world_size=world,
+        compute_device=device.type,
+        hbm_cap=memory if device.type == "cuda" else None,
+        ddr_cap=memory if device.type == "cpu" else None,
+    )
     planner = EmbeddingShardingPlanner(
         topology=topology,
-        constraints=constraints,
+        constraints=constraints.parameter_constraints(names),
         storage_reservation=FixedPercentageStorageReservation(DENSE_RESERVATION),
     )
     return planner.collective_plan(model, _sharders(), process_group)
+
+
+def format_plan(plan: ShardingPlan) -> str:
+    """The plan as a readable table: one line per physical table, with its shards and their ranks."""
+    rows = [("table", "sharding", "kernel", "shards (rank: rows x cols @ offset)")]
+    for module_path, module_plan in sorted(plan.plan.items()):
+        for table, sharding in sorted(module_plan.items()):  # type: ignore[union-attr]
+            shards = sharding.sharding_spec.shards if sharding.sharding_spec else []
+            placed = ", ".join(
+                f"{s.placement.rank()}: {s.shard_sizes[0]}x{s.shard_sizes[1]}"
+                f" @ ({s.shard_offsets[0]},{s.shard_offsets[1]})"
+                for s in shards
+            ) or f"all ranks: {sharding.ranks}"
+            rows.append((table, sharding.sharding_type, sharding.compute_kernel, placed))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + " | " + r[3] for r in rows]
+    lines.insert(1, "-+-".join("-" * w for w in widths) + "-+-" + "-" * len(rows[0][3]))
+    return "\n".join(lines)
 
 
 def _sharders() -> list:
@@ -109,12 +201,18 @@ def fuse(
     optimizer: SparseOptimizer,
     device: torch.device | str = "cpu",
     process_group: dist.ProcessGroup | None = None,
+    constraints: ShardingConstraints | None = None,
     plan: ShardingPlan | None = None,
 ) -> DistributedModelParallel:
-    """Put every embtab table of `model` on fbgemm's fused kernels with `optimizer` in the backward.
+    """Put every embtab table of `model` on fbgemm's fused kernels with `optimizer` in the backward,
+    sharded over `process_group` (default: a one-process group) by `plan` or, when None, by
+    torchrec's planner under `constraints`.
 
     Returns the `DistributedModelParallel` wrapper to train and evaluate with; its
-    `fused_optimizer` holds the sparse optimizer state, `dense_parameters(dmp)` the rest.
+    `fused_optimizer` holds the sparse optimizer state, `dense_parameters(dmp)` the rest. With more
+    than one rank, gradients are averaged across ranks (DDP for dense parameters, torchrec's
+    gradient division for sharded tables): a rank's loss is its share of the global batch's mean,
+    `global_mean`, to train exactly as one process would on the global batch.
 
     Example::
 
@@ -130,7 +228,7 @@ def fuse(
             if collection is not None:
                 apply_optimizer_in_backward(optimizer_class, collection.parameters(), kwargs)
     group = process_group or single_process_group()
-    plan = plan or table_wise_plan(model, group, device)
+    plan = plan or plan_sharding(model, group, device, constraints)
     single = dist.get_world_size(group) == 1
     initial = _materialized_state(model)
     dmp = DistributedModelParallel(
@@ -145,24 +243,34 @@ def fuse(
     return dmp
 
 
+def global_mean(local_losses: torch.Tensor, global_batch: int, world_size: int) -> torch.Tensor:
+    """This rank's loss such that the gradients averaged over ranks are those of the global batch's
+    mean loss: ``world_size * sum(local losses) / global_batch`` (the local mean when every rank
+    holds the same number of samples, as torchrec's examples assume)."""
+    return local_losses.sum() * (world_size / global_batch)
+
+
 def _materialized_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's tensors as built (skipped on the meta device, where DMP initializes them)."""
     return {k: v for k, v in model.state_dict().items() if v.device.type != "meta"}
 
 
 def copy_into_shards(dmp: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy whole (unsharded) tables into the shards this rank holds, keeping the model's init."""
+    """Copy whole (unsharded) tensors into the shards this rank holds, keeping the model's init;
+    replicated tensors (data-parallel tables, dense layers) are copied whole."""
     target = dmp.state_dict()
     with torch.no_grad():
         for key, value in state.items():
             destination = target.get(key)
             if isinstance(destination, ShardedTensor):
                 for shard in destination.local_shards():
-                    meta = shard.metadata
-                    window = tuple(
-                        slice(o, o + s) for o, s in zip(meta.shard_offsets, meta.shard_sizes)
-                    )
-                    shard.tensor.copy_(value[window])
+                    shard.tensor.copy_(value[_window(shard.metadata)])
+            elif destination is not None and destination.shape == value.shape:
+                destination.copy_(value)
+
+
+def _window(meta) -> tuple[slice, ...]:
+    return tuple(slice(o, o + s) for o, s in zip(meta.shard_offsets, meta.shard_sizes))
 
 
 def dense_parameters(model: nn.Module) -> Iterator[nn.Parameter]:

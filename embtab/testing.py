@@ -58,3 +58,46 @@ def rss_bytes() -> int:
     """Resident set size of this process now (Linux); torch's allocations are invisible to tracemalloc."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run_ranks(fn: Callable[..., None], world_size: int, *args: object) -> None:
+    """Run ``fn(rank, world_size, *args)`` in `world_size` spawned processes joined in one gloo
+    process group (the default group); re-raises the first rank's exception here."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as folder:
+        mp.start_processes(
+            _rank_main,
+            args=(world_size, f"{folder}/store", fn, args),
+            nprocs=world_size,
+            start_method="spawn",
+        )
+
+
+def _rank_main(rank: int, world_size: int, store_path: str, fn: Callable[..., None], args: tuple) -> None:
+    import torch.distributed as dist
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    torch.set_num_threads(1)
+    store = dist.FileStore(store_path, world_size)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def slice_batch(kjt: KeyedJaggedTensor, start: int, stop: int) -> KeyedJaggedTensor:
+    """Samples ``start:stop`` of every feature of `kjt` (a rank's part of a global batch)."""
+    batch = kjt.stride()
+    lengths = kjt.lengths().view(len(kjt.keys()), batch)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.flatten().cumsum(0)])
+    values = [
+        kjt.values()[offsets[k * batch + start] : offsets[k * batch + stop]]
+        for k in range(len(kjt.keys()))
+    ]
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=kjt.keys(), values=torch.cat(values), lengths=lengths[:, start:stop].flatten()
+    )

@@ -1,0 +1,142 @@
+"""Two processes (gloo, CPU): every method under every sharding type torchrec offers on CPU trains
+exactly like one process on the same global batch (forward, gradients, weights after a step)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torchrec import KeyedJaggedTensor
+
+import embtab
+from embtab.config import EmbeddingSpec, FeatureSpec
+from embtab.methods.managed_collision import ManagedCollision
+from embtab.methods.multi_hash import MultiHash
+from embtab.methods.hashing_trick import HashingTrick
+from embtab.methods.multiplex import multiplex
+from embtab.methods.qr import QREmbedding
+from embtab.shard import ShardingConstraints, global_mean
+from embtab.testing import random_kjt, run_ranks, slice_batch
+
+FEATURES = (
+    FeatureSpec("user", 40),
+    FeatureSpec("tag", 30, pooling="mean"),
+    FeatureSpec("item", 50),
+    FeatureSpec("hist", 50, pooling="none", table="item"),
+)
+DIM = 16
+BATCH = 12
+LR = 0.5
+
+# (pooled tables' type, per-id tables' type): every type torchrec offers on CPU appears once per side.
+SHARDINGS = (
+    ("table_wise", "table_wise"),
+    ("column_wise", "row_wise"),
+    ("table_column_wise", "column_wise"),
+    ("data_parallel", "table_wise"),
+)
+
+METHODS = {
+    "full": {},
+    "hashing_trick": {"method": HashingTrick(rows=24)},
+    "multi_hash": {"method": MultiHash(rows=24, hashes=2, shared=False)},
+    "qr_add": {"method": QREmbedding(collisions=6, operation="add")},
+    "qr_mult": {"method": QREmbedding(collisions=6, operation="mult")},
+    "managed_collision": {"method": ManagedCollision(rows=20)},
+}
+
+
+def _spec(method: str) -> EmbeddingSpec:
+    if method == "multiplex":
+        return multiplex(EmbeddingSpec(features=FEATURES, dim=DIM), rows=48)
+    return EmbeddingSpec(features=FEATURES, dim=DIM, **METHODS[method])
+
+
+class Head(nn.Module):
+    """Embeddings -> one logit per sample: pooled features and summed sequences, then a linear layer."""
+
+    def __init__(self, spec: EmbeddingSpec) -> None:
+        super().__init__()
+        self.tables = embtab.EmbeddingTables(spec)
+        self.linear = nn.Linear(4 * DIM, 1)
+
+    def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
+        out = self.tables(kjt)
+        hist = out.sequence["hist"]
+        rows = torch.repeat_interleave(torch.arange(kjt.stride()), hist.lengths())
+        summed = torch.zeros(kjt.stride(), DIM).index_add(0, rows, hist.values())
+        return self.linear(torch.cat([out.pooled.values(), summed], 1)).squeeze(1)
+
+
+def _constraints(model: Head, pooled: str, per_id: str) -> ShardingConstraints:
+    per_id_tables = {c.name for ec in model.tables.ecs.values() for c in ec.embedding_configs()}
+    types = {
+        name: (per_id if name in per_id_tables else pooled,)
+        for name in model.tables.physical_tables
+    }
+    return ShardingConstraints(sharding_types=types, column_shard_width=4)
+
+
+def _reference_step(model: Head, kjt: KeyedJaggedTensor, target: torch.Tensor):
+    """One process, no fused kernels: plain torchrec modules and torch's SGD on the global batch."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    logits = model(kjt)
+    ((logits - target) ** 2).mean().backward()
+    grad = model.linear.weight.grad.clone()
+    optimizer.step()
+    return logits.detach(), grad, model.state_dict()
+
+
+def _local_part(tensor: torch.Tensor, whole: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    if not isinstance(tensor, ShardedTensor):
+        return [(tensor, whole)]
+    pairs = []
+    for shard in tensor.local_shards():
+        window = tuple(
+            slice(o, o + s) for o, s in zip(shard.metadata.shard_offsets, shard.metadata.shard_sizes)
+        )
+        pairs.append((shard.tensor, whole[window]))
+    return pairs
+
+
+def _check_case(rank: int, world: int, method: str, pooled: str, per_id: str) -> None:
+    torch.manual_seed(7)
+    model = Head(_spec(method))
+    reference = copy.deepcopy(model)
+    kjt = random_kjt(FEATURES, batch=BATCH, seed=3)
+    target = torch.randn(BATCH, generator=torch.Generator().manual_seed(4))
+    ref_logits, ref_grad, ref_state = _reference_step(reference, kjt, target)
+
+    dmp = embtab.fuse(
+        model,
+        embtab.SparseOptimizer("sgd", lr=LR),
+        process_group=torch.distributed.group.WORLD,
+        constraints=_constraints(model, pooled, per_id),
+    )
+    dense = torch.optim.SGD(embtab.dense_parameters(dmp), lr=LR)
+    lo, hi = (0, 5) if rank == 0 else (5, BATCH)  # uneven parts: the loss is still the global mean
+    logits = dmp(slice_batch(kjt, lo, hi))
+    global_mean((logits - target[lo:hi]) ** 2, BATCH, world).backward()
+    grad = next(p.grad for n, p in dmp.named_parameters() if n.endswith("linear.weight"))
+    dense.step()
+
+    case = f"{method} with pooled {pooled}, per-id {per_id}"
+    torch.testing.assert_close(logits, ref_logits[lo:hi], atol=1e-5, rtol=0, msg=f"forward: {case}")
+    torch.testing.assert_close(grad, ref_grad, atol=1e-5, rtol=0, msg=f"gradient: {case}")
+    state = dmp.state_dict()
+    for key, whole in ref_state.items():
+        if key.endswith(".weight") and key in state:
+            for ours, theirs in _local_part(state[key], whole):
+                torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0, msg=f"{key}: {case}")
+
+
+def _all_cases(rank: int, world: int) -> None:
+    for method in [*METHODS, "multiplex"]:
+        for pooled, per_id in SHARDINGS:
+            _check_case(rank, world, method, pooled, per_id)
+
+
+def test_every_method_and_sharding_type_matches_one_process():
+    run_ranks(_all_cases, 2)
