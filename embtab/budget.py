@@ -341,6 +341,8 @@ def solve_budget(
         solved_method = solved.method
         return BudgetFit(solved, solved_method, used, budget_bytes, full, report)
 
+    if getattr(type(method), "budget_field", None):
+        return _learned_size(spec, budget_bytes, optimizer, method, include_optimizer, counted, full)
     if not getattr(type(method), "size_field", None):
         fixed = _with_method(spec, method)
         result = fit(fixed)
@@ -373,6 +375,27 @@ def solve_budget(
     result = fit(with_size(spec, method, good))
     near = f"{field}={good} uses {f(good)} and {field}={bad} uses {f(bad)} {counted}"
     return _checked(result, min_fill, method, counted, near)
+
+
+def _learned_size(
+    spec: EmbeddingSpec,
+    budget: int,
+    optimizer: SparseOptimizer,
+    method: MethodSpec,
+    include_optimizer: bool,
+    counted: str,
+    full: int,
+) -> BudgetFit:
+    """Methods whose exported size is learned (OptEmbed, PEP; ``budget_field``) take the budget as
+    their export target: `embtab.search` prunes to it after training. `bytes` is that target;
+    `report` is the training allocation. The budget must cover the smallest export
+    (``method.floor_method()``: no row kept, the narrowest width)."""
+    floor = spec_bytes(_with_method(spec, method.floor_method()), optimizer, include_optimizer)  # type: ignore[attr-defined]
+    if budget < floor:
+        raise _below_minimum(method, budget, floor, "no row kept", counted)
+    target = {type(method).budget_field: budget, "budget_optimizer": optimizer.kind if include_optimizer else ""}  # type: ignore[attr-defined]
+    solved = _with_method(spec, replace(method, **target))
+    return BudgetFit(solved, solved.method, budget, budget, full, memory_report(solved, optimizer))
 
 
 def _below_minimum(method: MethodSpec, budget: int, minimum: int, at: str, counted: str) -> ValueError:

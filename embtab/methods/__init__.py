@@ -9,8 +9,12 @@ from embtab.methods.base import PhysicalTable, TableMethod
 from embtab.methods.full import FullTable
 from embtab.methods.hashing_trick import HashingTrick
 from embtab.methods.managed_collision import ManagedCollision
+from embtab.methods.mde import MDE
 from embtab.methods.multi_hash import MultiHash
 from embtab.methods.multiplex import Multiplexed
+from embtab.methods.optembed import OptEmbed
+from embtab.methods.pep import PEP
+from embtab.methods.pruned import PrunedTable
 from embtab.methods.qr import QREmbedding
 
 METHODS: dict[str, type[MethodSpec]] = {
@@ -22,14 +26,24 @@ METHODS: dict[str, type[MethodSpec]] = {
     ManagedCollision.name: ManagedCollision,
 }
 
+# Methods whose size is learned (embtab.search) or only reachable from a search (the pruned export):
+# they do not take every budget the generic budget tests and sweeps ask of METHODS.
+SEARCH_METHODS: dict[str, type[MethodSpec]] = {
+    OptEmbed.name: OptEmbed,
+    PEP.name: PEP,
+    MDE.name: MDE,
+    PrunedTable.name: PrunedTable,
+}
+
 
 def method_from_dict(data: Mapping[str, Any]) -> MethodSpec:
     """Build a method spec from ``{"name": <registry key>, **parameters}`` (e.g. a TOML table)."""
     params = dict(data)
     name = params.pop("name", None)
-    if name not in METHODS:
-        raise ValueError(f"unknown embedding method {name!r}; expected one of {sorted(METHODS)}")
-    return METHODS[name](**params)
+    known = {**METHODS, **SEARCH_METHODS}
+    if name not in known:
+        raise ValueError(f"unknown embedding method {name!r}; expected one of {sorted(known)}")
+    return known[name](**params)
 
 
-__all__ = ["METHODS", "MethodSpec", "PhysicalTable", "TableMethod", "FullTable", "method_from_dict"]
+__all__ = ["METHODS", "SEARCH_METHODS", "MethodSpec", "PhysicalTable", "TableMethod", "FullTable", "method_from_dict"]

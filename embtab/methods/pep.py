@@ -1,0 +1,105 @@
+"""PEP, learnable embedding sizes by soft thresholding (Liu et al., ICLR 2021).
+
+Every element of a looked-up row is shrunk: ``v' = sign(v) * relu(|v| - g(s))`` with
+``g = sigmoid`` and a learnable ``s`` whose granularity is
+
+- ``global``: one ``s`` for the table; ``dimension``: one per column (both dense parameters,
+  trained by the dense optimizer, Adam in the reference);
+- ``feature``: one per id; ``feature_dim``: one per element. These live in a second physical table
+  looked up with the same ids (``n x 4``, column 0 used, or ``n x D``), so they are trained by the
+  fused sparse optimizer (the reference uses Adam for them too: a deviation embtab needs to keep
+  per-id state out of Python).
+
+Elements at zero are pruned, which gives each id its own effective width. The search then keeps
+elements whose margin ``|v| - g(s)`` exceeds ``shift`` (0, or raised by `embtab.search` to fit a
+byte budget) and retrains the kept elements from their initial values (the lottery-ticket rewind).
+The shrinkage is per element, so lookups are per id (``pooling_commutes = False``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from embtab.config import LogicalTable, MethodSpec
+from embtab.methods.base import PhysicalTable, TableMethod
+from embtab.methods.pruned import PrunedTable
+
+GRANULARITIES: tuple[str, ...] = ("global", "dimension", "feature", "feature_dim")
+
+
+@dataclass(frozen=True)
+class PEP(MethodSpec):
+    """PEP's soft-thresholded table (train it, then `embtab.search` prunes and rewinds it).
+
+    Args:
+        granularity: one of ``global``, ``dimension``, ``feature``, ``feature_dim``.
+        init_threshold: initial ``s`` (``g(s) = sigmoid(s)`` is the threshold).
+        budget_bytes: bytes the export must fit (0: prune at the learned thresholds only).
+        budget_optimizer: the sparse optimizer whose state the budget counts ("" for weights only).
+    """
+
+    name = "pep"
+    budget_field: ClassVar[str] = "budget_bytes"
+
+    granularity: str = "dimension"
+    init_threshold: float = -15.0
+    budget_bytes: int = 0
+    budget_optimizer: str = ""
+
+    def build(self, table: LogicalTable) -> "PEPMethod":
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(
+                f"table {table.name!r}: granularity must be one of {GRANULARITIES}, got {self.granularity!r}"
+            )
+        return PEPMethod(table, self)
+
+    def floor_method(self) -> MethodSpec:
+        """The smallest export: no row kept, four columns."""
+        return PrunedTable(kept=0, width=4)
+
+
+class PEPMethod(TableMethod):
+    pooling_commutes = False
+
+    def __init__(self, table: LogicalTable, spec: PEP) -> None:
+        super().__init__(table)
+        self.granularity = spec.granularity
+        weights = PhysicalTable(table.name, table.cardinality, table.dim)
+        self.per_id = spec.granularity in ("feature", "feature_dim")
+        if self.per_id:
+            width = 4 if spec.granularity == "feature" else table.dim
+            s0 = spec.init_threshold
+            thresholds = PhysicalTable(f"{table.name}@threshold", table.cardinality, width, init=(s0, s0))
+            self.physical_tables = (weights, thresholds)
+        else:
+            self.physical_tables = (weights,)
+            size = () if spec.granularity == "global" else (table.dim,)
+            self.s = nn.Parameter(torch.full(size, spec.init_threshold))
+        self.register_buffer("shift", torch.tensor(0.0), persistent=False)
+
+    def remap(self, ids: torch.Tensor) -> torch.Tensor:
+        return ids.unsqueeze(0).expand(len(self.physical_tables), -1)
+
+    def margins(self, rows: torch.Tensor, s: torch.Tensor | None = None) -> torch.Tensor:
+        """``|v| - g(s)`` per element of rows ``[..., D]`` (``s`` the looked-up per-id thresholds)."""
+        if s is None:
+            s = self.s
+        elif self.granularity == "feature":
+            s = s[..., :1]
+        return rows.abs() - torch.sigmoid(s)
+
+    @torch.no_grad()
+    def scores(self, weights: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, column) scores: the largest element margin of each row and of each column, so a
+        row (column) has a nonzero element after shrinking at a shift below its score."""
+        margin = self.margins(weights[0], weights[1] if self.per_id else None)
+        return margin.amax(-1), margin.amax(0)
+
+    def combine(self, vectors: list[torch.Tensor]) -> torch.Tensor:
+        v = vectors[0]
+        margin = self.margins(v, vectors[1] if self.per_id else None)
+        return torch.sign(v) * torch.relu(margin) * (margin > self.shift)
