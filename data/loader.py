@@ -29,6 +29,11 @@ class BatchIndexSampler(Sampler[torch.Tensor]):
 
     Call `set_epoch(e)` before each epoch (and `set_epoch(e, start_batch=b)` to resume); the
     sampler never advances the epoch on its own, so iterating twice without it repeats the order.
+
+    With ``part = (rank, world_size)`` it yields rank `rank`'s contiguous share of every global
+    batch of `batch_size` samples (shares differ by at most one sample), so the ranks of a
+    distributed run together see exactly the batches of a one-process run; a last global batch
+    smaller than `world_size` is dropped so that no rank gets an empty one.
     """
 
     def __init__(
@@ -38,14 +43,22 @@ class BatchIndexSampler(Sampler[torch.Tensor]):
         shuffle: bool,
         seed: int = 0,
         drop_last: bool = False,
+        part: tuple[int, int] = (0, 1),
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        rank, world = part
+        if not 0 <= rank < world or batch_size < world:
+            raise ValueError(
+                f"part {part} must be (rank, world_size) with 0 <= rank < world_size <= batch_size "
+                f"({batch_size})"
+            )
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
         self.drop_last = drop_last
+        self.part = part
         self.epoch = 0
         self.start_batch = 0
 
@@ -62,9 +75,13 @@ class BatchIndexSampler(Sampler[torch.Tensor]):
     @property
     def num_batches(self) -> int:
         """Batches in a full epoch."""
-        if self.drop_last:
-            return self.num_samples // self.batch_size
-        return -(-self.num_samples // self.batch_size)
+        full, tail = divmod(self.num_samples, self.batch_size)
+        keeps_tail = tail >= self.part[1] and not self.drop_last
+        return full + int(keeps_tail)
+
+    def global_batch_size(self, batch: int) -> int:
+        """Samples in global batch `batch` of an epoch, over all ranks."""
+        return min(self.batch_size, self.num_samples - batch * self.batch_size)
 
     def order(self) -> torch.Tensor:
         """All sample indices of the current epoch, in the order they are served."""
@@ -75,7 +92,8 @@ class BatchIndexSampler(Sampler[torch.Tensor]):
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         batches = torch.split(self.order(), self.batch_size)[self.start_batch : self.num_batches]
-        return iter(batches)
+        rank, world = self.part
+        return iter(b.tensor_split(world)[rank] for b in batches)
 
     def __len__(self) -> int:
         return self.num_batches - self.start_batch
@@ -103,13 +121,15 @@ def make_dataloader(
     num_workers: int = 0,
     epoch: int = 0,
     start_batch: int = 0,
+    part: tuple[int, int] = (0, 1),
 ) -> DataLoader:
     """A `DataLoader` over `ds` yielding `Batch` objects in a deterministic order.
 
     The loader's `batch_sampler` is a `BatchIndexSampler`: call
     ``loader.batch_sampler.set_epoch(e)`` each epoch, or ``set_epoch(e, start_batch=b)`` to
     resume after `b` batches of epoch `e` (`epoch` and `start_batch` here set the first one).
+    `part` = ``(rank, world_size)`` serves one rank's share of each batch.
     """
-    sampler = BatchIndexSampler(len(ds), batch_size, shuffle, seed=seed, drop_last=drop_last)
+    sampler = BatchIndexSampler(len(ds), batch_size, shuffle, seed=seed, drop_last=drop_last, part=part)
     sampler.set_epoch(epoch, start_batch)
     return DataLoader(ds, batch_sampler=sampler, collate_fn=_identity, num_workers=num_workers)

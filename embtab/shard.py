@@ -55,10 +55,10 @@ logging.getLogger("torchrec.distributed.planner.types").addFilter(_PlannerNoise(
 
 
 class _NoDataParallel(DataParallelWrapper):
-    """A single process needs no gradient all-reduce for the dense part."""
+    """A single process needs no gradient all-reduce for the dense part, only to be on `device`."""
 
     def wrap(self, dmp: DistributedModelParallel, env: ShardingEnv, device: torch.device) -> None:
-        return None
+        dmp._dmp_wrapped_module.to(device)
 
 
 def embedding_tables_of(model: nn.Module) -> list[EmbeddingTables]:
@@ -294,21 +294,48 @@ def allocated_bytes(dmp: DistributedModelParallel) -> dict[str, int]:
     return {"parameter_bytes": weights, "optimizer_bytes": state}
 
 
-def _whole(tensor: torch.Tensor, key: str) -> torch.Tensor:
-    """This rank's copy of a tensor that one process holds whole (table-wise on one rank, dense)."""
-    if not isinstance(tensor, ShardedTensor):
-        return tensor.detach().clone()
-    shards = tensor.local_shards()
-    if len(shards) != 1 or tuple(shards[0].tensor.shape) != tuple(tensor.size()):
-        raise ValueError(
-            f"{key!r} is split across ranks ({len(shards)} local shard(s) of {tuple(tensor.size())}); "
-            "whole-tensor checkpoints need every table on one rank"
-        )
-    return shards[0].tensor.detach().clone()
+Pieces = dict[str, tuple[tuple[int, ...], list[tuple[tuple[int, ...], torch.Tensor]]]]
 
 
-def _local_target(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.local_shards()[0].tensor if isinstance(tensor, ShardedTensor) else tensor
+def _local_pieces(tensors: dict[str, torch.Tensor]) -> Pieces:
+    """For every tensor: its whole size and the (offsets, values) of the parts this rank holds."""
+    pieces: Pieces = {}
+    for key, value in tensors.items():
+        if isinstance(value, ShardedTensor):
+            parts = [
+                (tuple(s.metadata.shard_offsets), s.tensor.detach().cpu().clone())
+                for s in value.local_shards()
+            ]
+            pieces[key] = (tuple(value.size()), parts)
+        else:
+            pieces[key] = (tuple(value.shape), [((0,) * value.dim(), value.detach().cpu().clone())])
+    return pieces
+
+
+def _gathered(tensors: dict[str, torch.Tensor], group: dist.ProcessGroup) -> dict[str, torch.Tensor] | None:
+    """The whole tensors, assembled on rank 0 from every rank's parts (None on other ranks).
+
+    A collective: every rank calls it, each with the tensors it has (a rank may lack a key)."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    every_rank: list[Pieces | None] = [None] * world if rank == 0 else None  # type: ignore[assignment]
+    dist.gather_object(_local_pieces(tensors), every_rank, dst=dist.get_global_rank(group, 0), group=group)
+    if rank != 0:
+        return None
+    whole: dict[str, torch.Tensor] = {}
+    for pieces in every_rank:
+        for key, (size, parts) in pieces.items():  # type: ignore[union-attr]
+            for offsets, part in parts:
+                target = whole.setdefault(key, torch.empty(size, dtype=part.dtype))
+                target[tuple(slice(o, o + n) for o, n in zip(offsets, part.shape))] = part
+    return whole
+
+
+def _union_sizes(tensors: dict[str, torch.Tensor], group: dist.ProcessGroup) -> dict[str, tuple[int, ...]]:
+    """Whole sizes of the tensors any rank has (the fused optimizer lists only local tables)."""
+    sizes = {k: tuple(v.size()) for k, v in tensors.items()}
+    every_rank: list[dict[str, tuple[int, ...]]] = [{}] * dist.get_world_size(group)
+    dist.all_gather_object(every_rank, sizes, group=group)
+    return {k: v for per_rank in every_rank for k, v in per_rank.items()}
 
 
 def _sparse_state(dmp: DistributedModelParallel) -> dict[str, torch.Tensor]:
@@ -320,46 +347,75 @@ def _sparse_state(dmp: DistributedModelParallel) -> dict[str, torch.Tensor]:
     }
 
 
+def _column_shards(key: str, numel: int, rows: dict[str, int]) -> int:
+    """How many column shards keep their own copy of a row-wise optimizer state: torchrec stores
+    row-wise Adagrad's one float per row once per column shard, concatenated."""
+    table_rows = rows.get(key.split("/")[0])
+    return numel // table_rows if table_rows and numel % table_rows == 0 else 1
+
+
 def training_state(dmp: DistributedModelParallel) -> dict[str, dict[str, torch.Tensor]]:
-    """Weights and fused optimizer state as plain tensors, for `torch.save`."""
-    return {
-        "model": {k: _whole(v, k) for k, v in dmp.state_dict().items()},
-        "sparse_optimizer": {k: _whole(v, k) for k, v in _sparse_state(dmp).items()},
-    }
+    """Weights and fused optimizer state as whole plain tensors, for `torch.save`.
+
+    Sharded tables are gathered, so every rank must call this; rank 0 receives the state (other
+    ranks an empty one). The layout does not depend on the sharding: a row-wise optimizer state
+    kept per column shard is saved as its mean over the shards (its value for the whole row), so a
+    checkpoint loads into any number of ranks and any plan.
+    """
+    group = dmp._env.process_group
+    model = _gathered(dmp.state_dict(), group)
+    sparse = _gathered(_sparse_state(dmp), group)
+    if model is None or sparse is None:
+        return {"model": {}, "sparse_optimizer": {}}
+    rows = {k: v.size(0) for k, v in model.items() if v.dim() == 2}
+    for key, value in sparse.items():
+        shards = _column_shards(key, value.numel(), rows) if value.dim() == 1 else 1
+        sparse[key] = value.view(shards, -1).mean(0) if shards > 1 else value
+    return {"model": model, "sparse_optimizer": sparse}
 
 
 def load_training_state(dmp: DistributedModelParallel, state: dict[str, dict[str, torch.Tensor]]) -> None:
-    """Restore `training_state` into a model of the same configuration, in place.
+    """Restore a `training_state` (saved by any number of ranks) into this model, in place: each
+    rank copies the parts of the whole tensors that its shards hold. Every rank must call it.
 
     Every key and shape is checked before anything is copied: a mismatched checkpoint changes nothing.
     """
-    pairs = [
-        (_matched(dmp.state_dict(), state["model"], "weights"), state["model"]),
-        (_matched(_sparse_state(dmp), state["sparse_optimizer"], "sparse optimizer state"), state["sparse_optimizer"]),
-    ]
+    group = dmp._env.process_group
+    weights, sparse = dmp.state_dict(), _sparse_state(dmp)
+    sparse_sizes = _union_sizes(sparse, group)
+    rows = {k: v.size(0) for k, v in weights.items() if isinstance(v, ShardedTensor)}
+    sparse_saved = {
+        k: v.repeat(_column_shards(k, sparse_sizes[k][0], rows)) if len(sparse_sizes.get(k, ())) == 1 else v
+        for k, v in state["sparse_optimizer"].items()
+    }
+    _check_matches({k: tuple(v.size()) for k, v in weights.items()}, state["model"], "weights")
+    _check_matches(sparse_sizes, sparse_saved, "sparse optimizer state")
     with torch.no_grad():
-        for targets, saved in pairs:
-            for key, value in saved.items():
-                targets[key].copy_(value)
+        for targets, saved in ((weights, state["model"]), (sparse, sparse_saved)):
+            for key, target in targets.items():
+                _copy_into(target, saved[key])
 
 
-def _matched(
-    current: dict[str, torch.Tensor], saved: dict[str, torch.Tensor], what: str
-) -> dict[str, torch.Tensor]:
-    """The local tensors to copy `saved` into, after checking keys and shapes."""
-    if set(current) != set(saved):
-        missing, unexpected = sorted(set(current) - set(saved)), sorted(set(saved) - set(current))
+def _copy_into(target: torch.Tensor, whole: torch.Tensor) -> None:
+    if isinstance(target, ShardedTensor):
+        for shard in target.local_shards():
+            shard.tensor.copy_(whole[_window(shard.metadata)])
+    else:
+        target.copy_(whole)
+
+
+def _check_matches(sizes: dict[str, tuple[int, ...]], saved: dict[str, torch.Tensor], what: str) -> None:
+    """`saved` must have exactly the keys and whole shapes of the model's tensors."""
+    if set(sizes) != set(saved):
+        missing, unexpected = sorted(set(sizes) - set(saved)), sorted(set(saved) - set(sizes))
         raise ValueError(
             f"checkpoint does not match the model's {what}: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    targets = {k: _local_target(v) for k, v in current.items()}
     for key, value in saved.items():
-        if tuple(targets[key].shape) != tuple(value.shape):
+        if tuple(value.shape) != sizes[key]:
             raise ValueError(
-                f"checkpoint entry {key!r} has shape {tuple(value.shape)}; "
-                f"the model expects {tuple(targets[key].shape)}"
+                f"checkpoint entry {key!r} has shape {tuple(value.shape)}; the model expects {sizes[key]}"
             )
-    return targets
 
 
 def physical_weights(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -3,11 +3,17 @@
     python -m experiments.ctr --config experiments/configs/din_movielens.toml --out results/ctr/din
     python -m experiments.ctr --dataset movielens --model embedding_mlp --epochs 2 --out results/ctr/emb
     python -m experiments.ctr --config ... --set train.sparse_lr=0.1 --set model.dropout=0.1
+    torchrun --nproc_per_node 2 -m experiments.ctr --distributed --config ... --out results/ctr/din2
 
 The configuration is a TOML file with the tables [data], [model], [embedding] and [train];
 command-line flags and `--set section.key=value` override it. The run prints and saves (to
 `<out>/result.json`) test AUC and logloss, embedding bytes, total parameters, and train and
 inference samples/s; per-epoch metrics go to `<out>/metrics.csv`.
+
+With `--distributed` (under torchrun) the tables are sharded over the ranks as the optional
+[sharding] table says (`default_types`, `types = {table = [...]}`, `rank_memory_bytes`,
+`column_shard_width`: the fields of `embtab.ShardingConstraints`), each rank trains on its share of
+every global batch, metrics are computed over all ranks and only rank 0 prints and writes.
 """
 
 from __future__ import annotations
@@ -21,12 +27,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 import embtab
 from embtab.budget import solve_budget
 from embtab.methods import METHODS
 from data import DatasetSplits, load_dataset
-from experiments.common import parser, write_json
+from embtab.shard import ShardingConstraints
+from experiments.common import is_writer, join_torchrun, parser, write_json
 from experiments.engine import TrainConfig, Trainer
 from models import build_model
 
@@ -52,6 +60,7 @@ FLAGS = {
     "sparse_optimizer": ("train", "sparse_optimizer", str),
     "seed": ("train", "seed", int),
     "threads": ("train", "threads", int),
+    "device": ("train", "device", str),
 }
 
 
@@ -125,8 +134,29 @@ def _with_placeholder_size(method: dict[str, Any]) -> dict[str, Any]:
     return {size_field: PLACEHOLDER_SIZE, **method} if size_field else dict(method)
 
 
-def run(config: dict[str, Any], out_dir: str | Path, stop_after_steps: int | None = None) -> dict[str, Any]:
-    """Build data, tables and model from `config`, train, test; returns (and saves) the figures."""
+def sharding_constraints(table: dict[str, Any]) -> ShardingConstraints:
+    """The [sharding] table as `ShardingConstraints` (lists become tuples)."""
+    known = {f.name for f in fields(ShardingConstraints)}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise ValueError(f"unknown [sharding] keys {unknown}; expected some of {sorted(known)}")
+    settings = dict(table)
+    if "default_types" in settings:
+        settings["default_types"] = tuple(settings["default_types"])
+    if "sharding_types" in settings:
+        settings["sharding_types"] = {k: tuple(v) for k, v in settings["sharding_types"].items()}
+    return ShardingConstraints(**settings)
+
+
+def run(
+    config: dict[str, Any],
+    out_dir: str | Path,
+    stop_after_steps: int | None = None,
+    process_group: dist.ProcessGroup | None = None,
+) -> dict[str, Any]:
+    """Build data, tables and model from `config`, train, test; returns (and saves) the figures.
+
+    With a `process_group` of several ranks, every rank calls this; rank 0 writes the files."""
     out_dir = Path(out_dir)
     train = train_config(config.get("train", {}))
     torch.manual_seed(train.seed)
@@ -146,7 +176,17 @@ def run(config: dict[str, Any], out_dir: str | Path, stop_after_steps: int | Non
         p.numel() for p in tables.parameters()
     )
     embedding_parameters = memory.parameter_bytes // 4
-    trainer = Trainer(model, splits, train, out_dir, stop_after_steps=stop_after_steps)
+    trainer = Trainer(
+        model,
+        splits,
+        train,
+        out_dir,
+        stop_after_steps=stop_after_steps,
+        process_group=process_group,
+        constraints=sharding_constraints(config.get("sharding", {})),
+    )
+    if trainer.world > 1 and is_writer():
+        print(f"sharding plan over {trainer.world} ranks:\n{trainer.plan}")
     result = trainer.fit()
     if "stopped_at_step" in result:
         return result
@@ -157,11 +197,14 @@ def run(config: dict[str, Any], out_dir: str | Path, stop_after_steps: int | Non
         "embedding_bytes": memory.total,
         "embedding_parameter_bytes": memory.parameter_bytes,
         "total_parameters": embedding_parameters + dense_parameters,
+        "world_size": trainer.world,
+        "plan": trainer.plan,
         **{k: v for k, v in result.items() if k != "history"},
         "history": result["history"],
         "config": config,
     }
-    write_json(out_dir / "result.json", summary)
+    if is_writer():
+        write_json(out_dir / "result.json", summary)
     return summary
 
 
@@ -182,11 +225,16 @@ def main() -> None:
     )
     for name, (_, _, kind) in FLAGS.items():
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind)
+    p.add_argument("--distributed", action="store_true", help="shard over the ranks torchrun starts")
     args = p.parse_args()
     config = load_config(args.config, args.set, vars(args))
-    summary = run(config, args.out)
-    print_summary(summary)
-    print(json.dumps({k: summary[k] for k in ("test_auc", "test_logloss", "embedding_bytes")}))
+    group = join_torchrun(config["train"].get("device", "cpu")) if args.distributed else None
+    summary = run(config, args.out, process_group=group)
+    if is_writer():
+        print_summary(summary)
+        print(json.dumps({k: summary[k] for k in ("test_auc", "test_logloss", "embedding_bytes")}))
+    if group is not None:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

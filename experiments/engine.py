@@ -4,6 +4,11 @@ BCE loss; AUC and logloss through torchmetrics; early stopping on validation AUC
 hold everything a run needs to continue (weights, fused sparse optimizer state, dense optimizer,
 data position, RNG, early-stopping state), so a resumed run ends exactly where an uninterrupted one
 would. Everything a run produces goes under its output folder.
+
+Distributed (a `process_group` of several ranks, e.g. under torchrun): the tables are sharded by
+`embtab.fuse`, every rank trains on its share of each global batch with the loss scaled so that the
+steps are those of one process on the global batch, evaluation gathers every rank's predictions,
+and only rank 0 writes files (checkpoints hold whole tables, loadable by any number of ranks).
 """
 
 from __future__ import annotations
@@ -16,13 +21,15 @@ from typing import Any
 
 import polars as pl
 import torch
+import torch.distributed as dist
 from torch import nn
 from torchmetrics.functional.classification import binary_auroc
 from tqdm import tqdm
 
 import embtab
-from data import CTRDataset, DatasetSplits, make_dataloader
-from embtab.shard import load_training_state, training_state
+from data import Batch, CTRDataset, DatasetSplits, make_dataloader
+from embtab.collectives import gather_rows, rank_and_world
+from embtab.shard import ShardingConstraints, format_plan, global_mean, load_training_state, training_state
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
@@ -45,6 +52,7 @@ class TrainConfig:
     restore_best: bool = True
     checkpoint_every: int = 0
     progress: bool = True
+    device: str = "cpu"
 
     def sparse(self) -> embtab.SparseOptimizer:
         return embtab.SparseOptimizer(self.sparse_optimizer, lr=self.sparse_lr)
@@ -92,6 +100,8 @@ class Trainer:
         config: TrainConfig,
         out_dir: str | Path,
         stop_after_steps: int | None = None,
+        process_group: dist.ProcessGroup | None = None,
+        constraints: ShardingConstraints | None = None,
     ) -> None:
         torch.set_num_threads(config.threads)
         self.config = config
@@ -99,7 +109,14 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.stop_after_steps = stop_after_steps
-        self.model = embtab.fuse(model, config.sparse())
+        self.group = process_group
+        self.rank, self.world = rank_and_world(process_group) if process_group else (0, 1)
+        self.writes = self.rank == 0
+        self.device = torch.device(config.device)
+        self.model = embtab.fuse(
+            model, config.sparse(), self.device, process_group=process_group, constraints=constraints
+        )
+        self.plan = format_plan(self.model.plan)
         self.dense_optimizer = torch.optim.Adam(
             embtab.dense_parameters(self.model), lr=config.dense_lr, fused=True
         )
@@ -112,34 +129,56 @@ class Trainer:
             "training": training_state(self.model),
             "dense_optimizer": self.dense_optimizer.state_dict(),
             "run": asdict(self.state),
-            "rng": torch.get_rng_state(),
+            "rng": self._rng_states(),
             "config": asdict(self.config),
         }
 
+    def _rng_states(self) -> list[torch.Tensor]:
+        """Every rank's RNG state (dropout differs per rank), in rank order."""
+        states = [torch.get_rng_state()] * self.world
+        if self.world > 1:
+            dist.all_gather_object(states, states[0], group=self.group)
+        return states
+
     def _save(self, name: str) -> None:
-        """Write atomically: a crash mid-write leaves the previous file intact."""
-        path = self.out_dir / name
-        tmp = path.with_suffix(".tmp")
-        torch.save(self._checkpoint(), tmp)
-        os.replace(tmp, path)
+        """Write atomically: a crash mid-write leaves the previous file intact. Every rank takes
+        part in gathering the sharded tables; rank 0 writes; the others wait until it has."""
+        checkpoint = self._checkpoint()
+        if self.writes:
+            path = self.out_dir / name
+            tmp = path.with_suffix(".tmp")
+            torch.save(checkpoint, tmp)
+            os.replace(tmp, path)
+        if self.world > 1:
+            dist.barrier(self.group)
 
     def _load(self, name: str) -> None:
         saved = torch.load(self.out_dir / name, weights_only=False)
         load_training_state(self.model, saved["training"])
         self.dense_optimizer.load_state_dict(saved["dense_optimizer"])
         self.state = RunState(**saved["run"])
-        torch.set_rng_state(saved["rng"])
+        rng = saved["rng"]
+        torch.set_rng_state(rng[self.rank] if len(rng) == self.world else rng[0])
 
     def _resume(self) -> None:
         if (self.out_dir / CHECKPOINT).exists():
             self._load(CHECKPOINT)
 
     # ------------------------------------------------------------------ training
-    def _loss(self, batch) -> torch.Tensor:
+    def _loss(self, batch, global_batch: int) -> torch.Tensor:
+        """This rank's share of the global batch's mean loss (the mean itself on one process)."""
         logits = self.model(batch.sparse, batch.dense)
-        loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
-        regularization = getattr(self.model.module, "regularization", None)
+        losses = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none")
+        loss = global_mean(losses, global_batch, self.world)
+        regularization = getattr(self._user_model(), "regularization", None)
         return loss + regularization(batch.sparse) if callable(regularization) else loss
+
+    def _on_device(self, batch: Batch) -> Batch:
+        return batch if self.device.type == "cpu" else batch.to(self.device, non_blocking=True)
+
+    def _user_model(self) -> nn.Module:
+        module = self.model.module
+        return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
 
     def _train_epoch(self) -> bool:
         """Run the rest of the current epoch; False if stopped early by `stop_after_steps`."""
@@ -151,26 +190,29 @@ class Trainer:
             seed=config.seed,
             epoch=state.epoch,
             start_batch=state.batch,
+            part=(self.rank, self.world),
         )
         self.model.train()
         progress = tqdm(
             total=len(loader) + state.batch,
             initial=state.batch,
-            disable=not config.progress,
+            disable=not (config.progress and self.writes),
             desc=f"epoch {state.epoch + 1}",
             unit="batch",
             leave=False,
         )
         tick = time.perf_counter()
         for batch in loader:
+            batch = self._on_device(batch)
             fetched = time.perf_counter()
+            global_batch = loader.batch_sampler.global_batch_size(state.batch)
             self.dense_optimizer.zero_grad()
-            self._loss(batch).backward()
+            self._loss(batch, global_batch).backward()
             self.dense_optimizer.step()
             done = time.perf_counter()
             state.data_seconds += fetched - tick
             state.train_seconds += done - tick
-            state.train_samples += len(batch)
+            state.train_samples += global_batch
             state.batch += 1
             state.step += 1
             progress.update(1)
@@ -196,7 +238,8 @@ class Trainer:
                 "train_samples_per_s": state.train_samples / max(state.train_seconds, 1e-9),
             }
         )
-        pl.DataFrame(state.history).write_csv(self.out_dir / METRICS)
+        if self.writes:
+            pl.DataFrame(state.history).write_csv(self.out_dir / METRICS)
         state.epoch += 1
         state.batch = 0
         if valid.auc > state.best_auc:
@@ -228,6 +271,7 @@ class Trainer:
             "valid_auc": final.best_auc,
             "epochs_run": len(final.history),
             "train_samples_per_s": final.train_samples / max(final.train_seconds, 1e-9),
+            "train_seconds_per_epoch": final.train_seconds / max(len(final.history), 1),
             "data_seconds_fraction": final.data_seconds / max(final.train_seconds, 1e-9),
             "inference_samples_per_s": test.samples / max(test.seconds, 1e-9),
             "history": final.history,
@@ -237,16 +281,27 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, dataset: CTRDataset) -> Evaluation:
-        """AUC (torchmetrics) and logloss of the model on `dataset`."""
+        """AUC (torchmetrics) and logloss of the model on `dataset` (every rank's share gathered)."""
         self.model.eval()
         logits, labels = [], []
         start = time.perf_counter()
-        for batch in make_dataloader(dataset, self.config.eval_batch_size, shuffle=False):
+        batch_size = self._eval_batch_size(len(dataset))
+        for batch in make_dataloader(dataset, batch_size, shuffle=False, part=(self.rank, self.world)):
+            batch = self._on_device(batch)
             logits.append(self.model(batch.sparse, batch.dense))
             labels.append(batch.labels)
         seconds = time.perf_counter() - start
         self.model.train()
-        logits_all, labels_all = torch.cat(logits), torch.cat(labels)
+        logits_all = gather_rows(torch.cat(logits), self.group)
+        labels_all = gather_rows(torch.cat(labels), self.group)
         auc = float(binary_auroc(torch.sigmoid(logits_all), labels_all.long()))
         logloss = float(nn.functional.binary_cross_entropy_with_logits(logits_all, labels_all))
         return Evaluation(auc=auc, logloss=logloss, samples=len(labels_all), seconds=seconds)
+
+    def _eval_batch_size(self, samples: int) -> int:
+        """The configured evaluation batch, made smaller if needed so that the last batch still
+        gives every rank at least one sample (no sample is left out of the metrics)."""
+        size = self.config.eval_batch_size
+        while size > self.world and 0 < samples % size < self.world:
+            size -= 1
+        return size

@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torchrec import JaggedTensor
 from torchrec.modules.mc_modules import (
@@ -44,6 +43,7 @@ from torchrec.modules.mc_modules import (
     MCHManagedCollisionModule,
 )
 
+from embtab.collectives import gather_rows
 from embtab.config import LogicalTable, MethodSpec
 from embtab.hashing import salt_of
 from embtab.methods.base import PhysicalTable, TableMethod
@@ -127,7 +127,8 @@ class ManagedCollisionMethod(TableMethod):
     def remap(self, ids: torch.Tensor) -> torch.Tensor:
         values = ids.to(torch.int64)
         if self.training:
-            self.mch.profile(self._features(_all_ranks(values)))
+            # every rank admits and evicts on the ids of all ranks, so all keep one id -> row map
+            self.mch.profile(self._features(gather_rows(values)))
         rows = self.mch.remap(self._features(values))[self.table.name].values()
         evicted = self.mch.evict()  # always consumed, else torchrec accumulates it
         if evicted is not None and self.row_reset is not None:
@@ -182,21 +183,6 @@ class RowReset:
             tensor[local] = (fresh * (2 * self.bound) - self.bound).to(tensor.device, tensor.dtype)
         for tensor, first in self.states:
             tensor[_local_rows(rows, first, tensor.shape[0]).to(tensor.device)] = 0
-
-
-def _all_ranks(values: torch.Tensor) -> torch.Tensor:
-    """The ids of every rank's batch, in rank order (just `values` on one process), so that every
-    rank admits and evicts the same ids and all ranks keep one id -> row map."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return values
-    count = torch.tensor([values.numel()], device=values.device)
-    sizes = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, count)
-    longest = int(max(sizes))
-    padded = torch.cat([values, values.new_zeros(longest - values.numel())])
-    gathered = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(gathered, padded)
-    return torch.cat([g[: int(n)] for g, n in zip(gathered, sizes)])
 
 
 def _local_rows(rows: torch.Tensor, first: int, count: int) -> torch.Tensor:
