@@ -158,6 +158,8 @@ def plan_sharding(
     (by default every table whole on one rank); the same plan on every rank."""
     constraints = constraints or ShardingConstraints()
     names = [n for t in embedding_tables_of(model) for n in t.physical_tables]
+    if device.type == "cpu":
+        _check_cpu_pooled_types(model, constraints)
     world = dist.get_world_size(process_group)
     memory = constraints.rank_memory_bytes
     topology = Topology(
@@ -172,6 +174,25 @@ def plan_sharding(
         storage_reservation=FixedPercentageStorageReservation(DENSE_RESERVATION),
     )
     return planner.collective_plan(model, _sharders(), process_group)
+
+
+ROW_SPLITTING = ("row_wise", "table_row_wise")
+
+
+def _check_cpu_pooled_types(model: nn.Module, constraints: ShardingConstraints) -> None:
+    """torchrec offers no row-wise sharding of pooled tables on CPU (its output reduce-scatter has
+    no gloo kernel, torchrec #1252): say so, instead of the planner's 'no available sharding type'."""
+    for tables in embedding_tables_of(model):
+        pooled = [c.name for c in tables.ebc.embedding_bag_configs()] if tables.ebc else []
+        for name in pooled:
+            types = constraints.types_of(name)
+            if all(t in ROW_SPLITTING for t in types):
+                raise ValueError(
+                    f"pooled table {name!r} may only be sharded {list(types)}, which torchrec does "
+                    "not offer for pooled tables on CPU (gloo has no reduce-scatter); use "
+                    "table_wise, column_wise, table_column_wise or data_parallel for it, or a "
+                    "GPU (NCCL), where row-wise pooled sharding works"
+                )
 
 
 def format_plan(plan: ShardingPlan) -> str:

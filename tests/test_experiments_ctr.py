@@ -56,3 +56,30 @@ def test_a_run_reports_every_figure_and_a_budget_sizes_the_method(tmp_path):
     )
     with pytest.raises(ValueError, match="unknown \\[train\\] keys \\['epoch'\\]"):
         run({**TINY, "train": {"epoch": 1}}, tmp_path / "bad")
+
+
+def _distributed_run(rank: int, world: int, config: dict, out: str) -> None:
+    import torch.distributed as dist
+
+    run(config, out, process_group=dist.group.WORLD)
+
+
+def test_two_ranks_train_like_one_process_and_only_rank_0_writes(tmp_path):
+    """Column-wise sharding, each rank on its half of every global batch, uneven shares included
+    (the last training batch and the evaluation splits hold odd numbers of samples)."""
+    from embtab.testing import run_ranks
+
+    config = {
+        **TINY,
+        "data": {**TINY["data"], "num_samples": 4001},
+        "embedding": {"dim": 8, "method": {"name": "full"}},
+        "sharding": {"default_types": ["column_wise"], "column_shard_width": 4},
+        "train": {**TINY["train"], "epochs": 2, "threads": 1},
+    }
+    single = run(config, tmp_path / "one")
+    run_ranks(_distributed_run, 2, config, str(tmp_path / "two"))
+    two = json.loads((tmp_path / "two" / "result.json").read_text())
+    assert two["world_size"] == 2 and "column_wise" in two["plan"]
+    assert two["test_auc"] == pytest.approx(single["test_auc"], abs=1e-4)
+    assert two["test_logloss"] == pytest.approx(single["test_logloss"], abs=1e-4)
+    assert two["history"][-1]["valid_auc"] == pytest.approx(single["history"][-1]["valid_auc"], abs=1e-4)

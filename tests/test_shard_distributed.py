@@ -4,6 +4,7 @@ exactly like one process on the same global batch (forward, gradients, weights a
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -17,7 +18,7 @@ from embtab.methods.multi_hash import MultiHash
 from embtab.methods.hashing_trick import HashingTrick
 from embtab.methods.multiplex import multiplex
 from embtab.methods.qr import QREmbedding
-from embtab.shard import ShardingConstraints, global_mean
+from embtab.shard import ShardingConstraints, global_mean, load_training_state, training_state
 from embtab.testing import random_kjt, run_ranks, slice_batch
 
 FEATURES = (
@@ -140,3 +141,80 @@ def _all_cases(rank: int, world: int) -> None:
 
 def test_every_method_and_sharding_type_matches_one_process():
     run_ranks(_all_cases, 2)
+
+
+def _fused(model: Head, kind: str, pooled: str, per_id: str, group=None):
+    return embtab.fuse(
+        model,
+        embtab.SparseOptimizer(kind, lr=0.2),
+        process_group=group,
+        constraints=_constraints(model, pooled, per_id),
+    )
+
+
+def _train_step(dmp, part: tuple[int, int], world: int) -> torch.Tensor:
+    """One step on `part` of a fixed global batch; returns the logits of that part."""
+    kjt = random_kjt(FEATURES, batch=BATCH, seed=3)
+    target = torch.randn(BATCH, generator=torch.Generator().manual_seed(4))
+    logits = dmp(slice_batch(kjt, *part))
+    global_mean((logits - target[part[0] : part[1]]) ** 2, BATCH, world).backward()
+    return logits.detach()
+
+
+def _sharded_save(rank: int, world: int, kind: str, pooled: str, per_id: str, path: str) -> None:
+    torch.manual_seed(7)
+    model = Head(_spec("full"))
+    dmp = _fused(model, kind, pooled, per_id, torch.distributed.group.WORLD)
+    _train_step(dmp, (rank * BATCH // world, (rank + 1) * BATCH // world), world)
+    state = training_state(dmp)
+    if rank == 0:
+        torch.save(state, path)
+
+
+def _sharded_load_save(rank: int, world: int, kind: str, pooled: str, per_id: str, folder: str) -> None:
+    """Load a one-process checkpoint into a sharded model, check its forward, save it again."""
+    torch.manual_seed(11)
+    dmp = _fused(Head(_spec("qr_add")), kind, pooled, per_id, torch.distributed.group.WORLD)
+    load_training_state(dmp, torch.load(Path(folder) / "single.pt"))
+    lo, hi = rank * BATCH // world, (rank + 1) * BATCH // world
+    with torch.no_grad():
+        logits = dmp(slice_batch(random_kjt(FEATURES, batch=BATCH, seed=5), lo, hi))
+    expected = torch.load(Path(folder) / "logits.pt")[lo:hi]
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+    state = training_state(dmp)
+    if rank == 0:
+        torch.save(state, Path(folder) / "resaved.pt")
+
+
+def _assert_same_state(ours: dict, theirs: dict) -> None:
+    for part in ("model", "sparse_optimizer"):
+        assert ours[part].keys() == theirs[part].keys()
+        for key, value in theirs[part].items():
+            torch.testing.assert_close(ours[part][key], value, atol=1e-5, rtol=0, msg=key)
+
+
+def test_sharded_checkpoint_loads_into_one_process(tmp_path):
+    """Exact Adagrad keeps one state per element, so column shards train exactly as one table."""
+    run_ranks(_sharded_save, 2, "adagrad", "column_wise", "row_wise", str(tmp_path / "sharded.pt"))
+    torch.manual_seed(7)
+    single = _fused(Head(_spec("full")), "adagrad", "table_wise", "table_wise")
+    _train_step(single, (0, BATCH), 1)
+    torch.manual_seed(11)
+    restored = _fused(Head(_spec("full")), "adagrad", "table_wise", "table_wise")
+    load_training_state(restored, torch.load(tmp_path / "sharded.pt"))
+    _assert_same_state(training_state(restored), training_state(single))
+
+
+def test_one_process_checkpoint_loads_into_shards_and_back(tmp_path):
+    """Row-wise Adagrad's per-row state is replicated into every column shard on load and
+    averaged back on save: the round trip returns the checkpoint unchanged."""
+    torch.manual_seed(7)
+    single = _fused(Head(_spec("qr_add")), "rowwise_adagrad", "table_wise", "table_wise")
+    _train_step(single, (0, BATCH), 1)
+    torch.save(training_state(single), tmp_path / "single.pt")
+    with torch.no_grad():
+        torch.save(single(random_kjt(FEATURES, batch=BATCH, seed=5)), tmp_path / "logits.pt")
+    run_ranks(_sharded_load_save, 2, "rowwise_adagrad", "column_wise", "row_wise", str(tmp_path))
+    resaved, original = torch.load(tmp_path / "resaved.pt"), torch.load(tmp_path / "single.pt")
+    _assert_same_state(resaved, original)
+    assert any(v.abs().sum() > 0 for v in original["sparse_optimizer"].values())

@@ -1,0 +1,64 @@
+"""embtab.shard on one process: sharding constraints, the plan printout, clear errors."""
+
+import pytest
+import torch
+
+import embtab
+from embtab.config import EmbeddingSpec, FeatureSpec
+from embtab.methods.qr import QREmbedding
+from embtab.shard import ShardingConstraints, format_plan
+
+FEATURES = (FeatureSpec("user", 40), FeatureSpec("item", 50), FeatureSpec("hist", 50, pooling="none", table="item"))
+
+
+def _tables(**method) -> embtab.EmbeddingTables:
+    torch.manual_seed(0)
+    return embtab.EmbeddingTables(EmbeddingSpec(features=FEATURES, dim=8, **method))
+
+
+def test_constraints_name_tables_logically_or_physically():
+    constraints = ShardingConstraints(
+        sharding_types={"item": ("row_wise",), "user@qr1": ("column_wise",)},
+        default_types=("table_wise", "data_parallel"),
+    )
+    assert constraints.types_of("item") == ("row_wise",)
+    assert constraints.types_of("item@qr0") == ("row_wise",)
+    assert constraints.types_of("user@qr1") == ("column_wise",)
+    assert constraints.types_of("user@qr0") == ("table_wise", "data_parallel")
+
+
+def test_bad_constraints_are_clear_errors():
+    with pytest.raises(ValueError, match="'item'.*'rowwise'.*expected a non-empty subset"):
+        ShardingConstraints(sharding_types={"item": ("rowwise",)})
+    with pytest.raises(ValueError, match="unknown tables \\['itme'\\]"):
+        embtab.fuse(
+            _tables(),
+            embtab.SparseOptimizer("sgd", lr=0.1),
+            constraints=ShardingConstraints(sharding_types={"itme": ("table_wise",)}),
+        )
+
+
+def test_row_wise_pooled_tables_on_cpu_explain_the_limit():
+    with pytest.raises(ValueError, match="pooled table 'user'.*not offer.*gloo"):
+        embtab.fuse(
+            _tables(),
+            embtab.SparseOptimizer("sgd", lr=0.1),
+            constraints=ShardingConstraints(sharding_types={"user": ("row_wise",)}),
+        )
+
+
+def test_the_plan_prints_one_line_per_physical_table_with_its_shards():
+    dmp = embtab.fuse(
+        _tables(method=QREmbedding(collisions=8, operation="add")),
+        embtab.SparseOptimizer("sgd", lr=0.1),
+        constraints=ShardingConstraints(
+            sharding_types={"item": ("column_wise",)}, column_shard_width=4
+        ),
+    )
+    lines = format_plan(dmp.plan).splitlines()
+    assert [c.strip() for c in lines[0].split(" | ")][:3] == ["table", "sharding", "kernel"]
+    by_table = {line.split(" | ")[0].strip(): line for line in lines[2:]}
+    assert sorted(by_table) == ["item@qr0", "item@qr1", "user@qr0", "user@qr1"]
+    assert "table_wise" in by_table["user@qr0"] and "0: 8x8 @ (0,0)" in by_table["user@qr0"]
+    assert "column_wise" in by_table["item@qr1"]
+    assert "0: 7x4 @ (0,0), 0: 7x4 @ (0,4)" in by_table["item@qr1"]
