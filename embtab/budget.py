@@ -9,7 +9,9 @@ table or to a feature's cardinality is allocated.
 `solve_budget` searches the integer knob a method spec names in its ``size_field`` class attribute
 (``size_increasing`` says whether bytes grow with it: rows of a hashed table do, QR's collisions
 do not) for the configuration with the most bytes within the budget, and checks that it uses at
-least `min_fill` (90%) of it. Methods without a knob (the full table) have fixed bytes.
+least `min_fill` (90%) of it. Methods without a knob (the full table) have fixed bytes. Methods whose
+exported size is learned (OptEmbed, PEP: a ``budget_field`` class attribute) get the budget as their
+export target; `embtab.search` prunes them to it after training.
 
 Example::
 

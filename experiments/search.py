@@ -59,6 +59,10 @@ class Run:
     def spec(self, method: embtab.MethodSpec) -> embtab.EmbeddingSpec:
         return embtab.EmbeddingSpec(features=self.features, dim=self.dim, method=method)
 
+    def solved(self, method: embtab.MethodSpec, budget: Fraction) -> embtab.MethodSpec:
+        """`method` sized by `solve_budget` for `budget` of the full table's bytes."""
+        return solve_budget(self.spec(method), int(self.full_bytes * budget), self.optimizer, min_fill=0).method
+
     def model(self, tables: embtab.EmbeddingTables) -> nn.Module:
         settings = dict(self.config["model"])
         return build_model(settings.pop("name"), tables, dense_dim=self.splits.dense_dim, **settings)
@@ -119,9 +123,9 @@ def run_optembed(run: Run, budgets: list[Fraction]) -> list[dict[str, Any]]:
     config = EvolutionConfig(**{**run.search.get("evolution", {}), "seed": run.train.seed})
     cells = []
     for budget in budgets:
-        target = int(run.full_bytes * budget)
         start = time.perf_counter()
-        fitness = _fitness(trainer, tables, weights, target, run.optimizer)
+        target, counted = ex.budget_target(run.solved(OptEmbed(**settings), budget))
+        fitness = _fitness(trainer, tables, weights, target, counted)
         found = evolve(choices, fitness, config)
         fitness(found.best)  # leave the masks at the best candidate
         evolution_s = time.perf_counter() - start
@@ -144,7 +148,7 @@ def _fitness(
     tables: embtab.EmbeddingTables,
     weights: dict[str, torch.Tensor],
     budget: int,
-    optimizer: embtab.SparseOptimizer,
+    optimizer: embtab.SparseOptimizer | None,
 ) -> Callable[[tuple[int, ...]], float]:
     """Validation AUC of the supernet with a candidate's widths, pruned to fit `budget`."""
     methods = list(tables.methods.values())
@@ -172,8 +176,8 @@ def run_pep(run: Run, budgets: list[Fraction]) -> list[dict[str, Any]]:
     cells = []
     for budget in budgets:
         start = time.perf_counter()
-        scores = ex.table_scores(tables, weights)
-        ex.set_shift(tables, ex.fit_shift(scores, int(run.full_bytes * budget), run.optimizer))
+        target, counted = ex.budget_target(run.solved(PEP(**settings), budget))
+        ex.set_shift(tables, ex.fit_shift(ex.table_scores(tables, weights), target, counted))
         table_plans = ex.plans(tables, weights)
         fit_s = time.perf_counter() - start
         cell = _retrain(run, "pep", budget, ex.rewind(table_plans, initial))

@@ -9,6 +9,7 @@ tables.
 from embtab.search.evolution import EvolutionConfig, EvolutionResult, evolve
 from embtab.search.export import (
     TablePlan,
+    budget_target,
     build_compact,
     bytes_at,
     fit_shift,
@@ -24,6 +25,7 @@ __all__ = [
     "EvolutionConfig",
     "EvolutionResult",
     "TablePlan",
+    "budget_target",
     "build_compact",
     "bytes_at",
     "evolve",

@@ -23,7 +23,7 @@ from torchrec.quant.embedding_modules import EmbeddingCollection as QuantEmbeddi
 from torchrec.inference.modules import quantize_embeddings
 
 from embtab.collection import EmbeddingTables
-from embtab.config import EmbeddingSpec, SparseOptimizer
+from embtab.config import EmbeddingSpec, MethodSpec, SparseOptimizer
 from embtab.methods.base import TableMethod
 from embtab.methods.full import FullTable
 from embtab.methods.pruned import PrunedTable, pruned_parameter_bytes
@@ -106,6 +106,14 @@ def _physical(method: TableMethod, weights: Mapping[str, torch.Tensor]) -> list[
 def bytes_at(scores: Mapping[str, TableScores], shift: float, optimizer: SparseOptimizer | None) -> int:
     """Bytes of the export at `shift`."""
     return sum(export_bytes(s.cardinality, *s.size_at(shift), optimizer) for s in scores.values())
+
+
+def budget_target(method: MethodSpec) -> tuple[int, SparseOptimizer | None]:
+    """(bytes, optimizer whose state counts) a solved spec asks of its export (`solve_budget` sets
+    ``budget_bytes`` and ``budget_optimizer``); a budget of 0 means none."""
+    bytes_ = int(getattr(method, "budget_bytes", 0))
+    kind = getattr(method, "budget_optimizer", "")
+    return bytes_, SparseOptimizer(kind) if kind else None
 
 
 def fit_shift(scores: Mapping[str, TableScores], budget: int, optimizer: SparseOptimizer | None) -> float:
