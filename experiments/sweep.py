@@ -8,6 +8,11 @@ recorded as unreachable with the reason. Finished cells are skipped on a re-run,
 loses at most the cells in progress; a finished cell keeps its row and metrics, not its
 checkpoints. Writes `results.parquet`, `results.csv`, `summary.md` and `pareto.png` to the output
 folder.
+
+    torchrun --nproc_per_node 2 -m experiments.sweep --distributed --threads 1 --config ... --out ...
+
+With `--distributed` every cell is trained by all ranks together (tables sharded as the config's
+[sharding] table says); rank 0 writes every file.
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+import torch.distributed as dist
 from tqdm import tqdm
 
-from experiments.common import parser
+from experiments.common import is_writer, join_torchrun, parser
 from experiments.ctr import load_config, run
 from experiments.engine import BEST, CHECKPOINT
 
@@ -64,16 +70,23 @@ def cell_config(base: dict[str, Any], cell: Cell, full_bytes: int, params: dict[
 
 
 def run_cell(
-    base: dict[str, Any], cell: Cell, full_bytes: int, params: dict[str, Any], out: str, threads: int
+    base: dict[str, Any],
+    cell: Cell,
+    full_bytes: int,
+    params: dict[str, Any],
+    out: str,
+    threads: int,
+    process_group: dist.ProcessGroup | None = None,
 ) -> dict[str, Any]:
-    """Train one cell (in a worker process when --jobs > 1) and record its row."""
+    """Train one cell (in a worker process when --jobs > 1, on every rank when distributed) and
+    record its row."""
     config = cell_config(base, cell, full_bytes, params)
     config["train"]["threads"] = threads
     folder = Path(out) / "cells" / cell.name
     start = time.perf_counter()
     row: dict[str, Any] = {"method": cell.method, "budget": cell.budget, "seed": cell.seed}
     try:
-        summary = run(config, folder)
+        summary = run(config, folder, process_group=process_group)
     except ValueError as error:
         if "budget" not in str(error):
             raise
@@ -92,13 +105,21 @@ def run_cell(
             inference_samples_per_s=summary["inference_samples_per_s"],
         )
     row["wall_seconds"] = time.perf_counter() - start
+    if is_writer():
+        _record(folder, row)
+    if process_group is not None:
+        dist.barrier(process_group)
+    return row
+
+
+def _record(folder: Path, row: dict[str, Any]) -> None:
+    """Write the cell's row (atomically) and drop its checkpoints."""
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / (RESULT + ".tmp")
     tmp.write_text(json.dumps(row))
     os.replace(tmp, folder / RESULT)
     for checkpoint in (CHECKPOINT, BEST):
         (folder / checkpoint).unlink(missing_ok=True)
-    return row
 
 
 def full_table_bytes(base: dict[str, Any]) -> int:
@@ -122,12 +143,20 @@ def finished(out: Path, cell: Cell) -> dict[str, Any] | None:
 
 
 def sweep(
-    base: dict[str, Any], cells: list[Cell], params: dict[str, Any], out: Path, jobs: int, threads: int
+    base: dict[str, Any],
+    cells: list[Cell],
+    params: dict[str, Any],
+    out: Path,
+    jobs: int,
+    threads: int,
+    process_group: dist.ProcessGroup | None = None,
 ) -> pl.DataFrame:
     full_bytes = full_table_bytes(base)
     rows = [r for c in cells if (r := finished(out, c)) is not None]
     todo = [c for c in cells if finished(out, c) is None]
-    progress = tqdm(total=len(cells), initial=len(cells) - len(todo), unit="cell", desc="sweep")
+    progress = tqdm(
+        total=len(cells), initial=len(cells) - len(todo), unit="cell", desc="sweep", disable=not is_writer()
+    )
     if jobs > 1:
         # Spawned, not forked: a forked worker would inherit this process's gloo group.
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -137,7 +166,7 @@ def sweep(
                 progress.update(1)
     else:
         for cell in todo:
-            rows.append(run_cell(base, cell, full_bytes, params, str(out), threads))
+            rows.append(run_cell(base, cell, full_bytes, params, str(out), threads, process_group))
             progress.update(1)
     progress.close()
     return pl.DataFrame(rows, infer_schema_length=None)
@@ -257,7 +286,10 @@ def main() -> None:
     )
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--threads", type=int, default=2, help="threads per cell")
+    p.add_argument("--distributed", action="store_true", help="train each cell over the ranks torchrun starts")
     args = p.parse_args()
+    if args.distributed and args.jobs > 1:
+        raise SystemExit("--distributed trains one cell at a time over all ranks; drop --jobs")
     from embtab.methods import METHODS
 
     base = load_config(
@@ -277,9 +309,13 @@ def main() -> None:
     ]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = sweep(base, cells, params, out, args.jobs, args.threads)
-    print(write_outputs(results, out))
-    print(f"wrote {out}/results.parquet, results.csv, summary.md, pareto.png")
+    group = join_torchrun(base.get("train", {}).get("device", "cpu")) if args.distributed else None
+    results = sweep(base, cells, params, out, args.jobs, args.threads, group)
+    if is_writer():
+        print(write_outputs(results, out))
+        print(f"wrote {out}/results.parquet, results.csv, summary.md, pareto.png")
+    if group is not None:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -43,3 +43,22 @@ def test_parallel_cells_give_the_same_rows(tmp_path, monkeypatch):
     results = pl.read_parquet(tmp_path / "results.parquet")
     assert results.height == 4
     assert results.filter(pl.col("status") == "ok").height == 3
+
+
+def test_distributed_sweep_under_torchrun_matches_one_process(tmp_path, monkeypatch):
+    import os
+    import subprocess
+
+    monkeypatch.setattr(sys, "argv", ["sweep", *ARGS, "--out", str(tmp_path / "one")])
+    sweep.main()
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command = [*torchrun, "-m", "experiments.sweep", "--distributed", "--threads", "1", *ARGS]
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    subprocess.run([*command, "--out", str(tmp_path / "two")], check=True, env=env, capture_output=True)
+    one, two = (
+        pl.read_parquet(tmp_path / name / "results.parquet").sort("method", "budget") for name in ("one", "two")
+    )
+    assert two["status"].to_list() == one["status"].to_list()
+    ok = pl.col("status") == "ok"
+    for a, b in zip(one.filter(ok)["test_auc"], two.filter(ok)["test_auc"]):
+        assert abs(a - b) < 1e-4
