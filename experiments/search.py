@@ -1,4 +1,4 @@
-"""Learned sizes at byte budgets: OptEmbed (supernet, evolution, retrain), PEP (prune, rewind), MDE.
+"""Learned sizes at byte budgets: OptEmbed (supernet, evolution, retrain), PEP (prune, rewind), MDE, DNIS.
 
     python -m experiments.search --config experiments/configs/search_din_movielens.toml --seeds 3 --out results/search_movielens
     python -m experiments.search --config experiments/configs/search_dlrm_synthetic.toml --seeds 1 --out results/search_synthetic
@@ -6,7 +6,8 @@
 Per seed: the full table once; OptEmbed's supernet and PEP's thresholded table once (budget-free),
 then per budget (a fraction of the full table's bytes, counted with the sparse optimizer's state)
 OptEmbed's evolutionary width search under the budget and a fresh retrain of the found rows and
-widths, PEP's pruning to the budget and a rewound retrain, and MDE sized by `solve_budget`. Every
+widths, PEP's pruning to the budget and a rewound retrain, MDE sized by `solve_budget`, and DNIS's
+dimensions pruned to the budget and fine-tuned (``--methods`` picks; DNIS only when asked). Every
 cell reports test AUC, bytes as allocated, rows pruned, widths per table, search and retrain
 seconds; OptEmbed and PEP also the test AUC of their int8 export. Prints a table of mean ± std over
 seeds and writes everything to ``<out>/result.json``.
@@ -29,7 +30,7 @@ from torchmetrics.functional.classification import binary_auroc
 import embtab
 from data import CTRDataset, DatasetSplits, load_dataset, make_dataloader
 from embtab.budget import full_table_bytes, solve_budget
-from embtab.methods import MDE, PEP, OptEmbed
+from embtab.methods import DNIS, MDE, PEP, OptEmbed
 from embtab.search import EvolutionConfig, evolve
 from embtab.search import export as ex
 from embtab.shard import embedding_tables_of, physical_weights
@@ -38,7 +39,7 @@ from experiments.ctr import load_config, train_config
 from experiments.engine import TrainConfig, Trainer
 from models import build_model
 
-METHOD_NAMES = ("full", "optembed", "pep", "mde")
+METHOD_NAMES = ("full", "optembed", "pep", "mde", "dnis")
 
 
 class Run:
@@ -190,6 +191,27 @@ def run_pep(run: Run, budgets: list[Fraction]) -> list[dict[str, Any]]:
     return cells
 
 
+def run_dnis(run: Run, budgets: list[Fraction]) -> list[dict[str, Any]]:
+    """DNIS: train the soft dimension weights with the model, prune columns to the budget, fine-tune."""
+    torch.manual_seed(run.train.seed)
+    dnis = embtab.EmbeddingTables(run.spec(DNIS()))
+    trainer, _, search_s = run.fit(dnis, "dnis_search")
+    weights = physical_weights(trainer.model)
+    tables = embedding_tables_of(trainer.model)[0]
+    cells = []
+    for budget in budgets:
+        target, counted = ex.budget_target(run.solved(DNIS(), budget))
+        try:
+            ex.set_shift(tables, ex.fit_shift(ex.table_scores(tables, weights), target, counted))
+        except ValueError as error:
+            cells.append({"method": "dnis", "budget": str(budget), "unreachable": str(error)})
+            continue
+        cell = _retrain(run, "dnis", budget, ex.plans(tables, weights))
+        cell["search_s"] = search_s
+        cells.append(cell)
+    return cells
+
+
 def _element_sparsity(table_plans: dict[str, ex.TablePlan], run: Run) -> float:
     """Share of the full table's elements that are zero (PEP's own measure)."""
     nonzero = sum(int((p.values != 0).sum()) for p in table_plans.values() if p.values is not None)
@@ -308,7 +330,7 @@ def main() -> None:
     p = parser(__doc__.splitlines()[0], "results/search")
     p.add_argument("--config", required=True, help="TOML with [data], [model], [embedding], [train], [search]")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    p.add_argument("--methods", nargs="+", default=list(METHOD_NAMES), choices=METHOD_NAMES)
+    p.add_argument("--methods", nargs="+", default=list(METHOD_NAMES[:4]), choices=METHOD_NAMES)
     p.add_argument("--budgets", nargs="+", default=["1/4", "1/16"], help="fractions of the full table's bytes")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int)
@@ -317,7 +339,7 @@ def main() -> None:
     budgets = [Fraction(b) for b in args.budgets]
     base_seed = train_config(config.get("train", {})).seed
     out = Path(args.out)
-    runners = {"full": run_full, "optembed": run_optembed, "pep": run_pep, "mde": run_mde}
+    runners = {"full": run_full, "optembed": run_optembed, "pep": run_pep, "mde": run_mde, "dnis": run_dnis}
     cells = []
     for offset in range(args.seeds):
         run = Run(config, base_seed + offset, out / f"seed{base_seed + offset}")

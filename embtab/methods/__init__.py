@@ -6,6 +6,7 @@ from typing import Any, Mapping
 
 from embtab.config import MethodSpec
 from embtab.methods.base import PhysicalTable, TableMethod
+from embtab.methods.dnis import DNIS
 from embtab.methods.full import FullTable
 from embtab.methods.hashing_trick import HashingTrick
 from embtab.methods.managed_collision import ManagedCollision
@@ -33,6 +34,7 @@ SEARCH_METHODS: dict[str, type[MethodSpec]] = {
     PEP.name: PEP,
     MDE.name: MDE,
     PrunedTable.name: PrunedTable,
+    DNIS.name: DNIS,
 }
 
 

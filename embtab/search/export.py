@@ -81,7 +81,7 @@ def masked_methods(tables: EmbeddingTables) -> dict[str, TableMethod]:
         if not hasattr(method, "scores"):
             raise ValueError(
                 f"table {name!r} uses {type(method).__name__}, which has no learned mask to export; "
-                "expected OptEmbed or PEP"
+                "expected OptEmbed, PEP or DNIS"
             )
     return methods  # type: ignore[return-value]
 
@@ -131,7 +131,7 @@ def fit_shift(scores: Mapping[str, TableScores], budget: int, optimizer: SparseO
     if floor > budget:
         raise ValueError(
             f"budget {budget} bytes is below the smallest export of these tables: {floor} bytes "
-            f"with no row kept; expected a budget >= {floor}"
+            f"(pruned as far as their method allows); expected a budget >= {floor}"
         )
     low, high = 0, len(candidates) - 1  # bytes_at(candidates[low]) > budget >= bytes_at(candidates[high])
     while high - low > 1:
