@@ -99,7 +99,9 @@ def run_mde(run: Run, budgets: list[Fraction]) -> list[dict[str, Any]]:
     for budget in budgets:
         target = int(run.full_bytes * budget)
         try:
-            fit = solve_budget(run.spec(MDE(alpha=float(run.search.get("mde_alpha", 0.3)))), target, run.optimizer)
+            method = MDE(alpha=float(run.search.get("mde_alpha", 0.3)))
+            min_fill = float(run.search.get("mde_min_fill", 0.5))  # widths move in steps of 4
+            fit = solve_budget(run.spec(method), target, run.optimizer, min_fill=min_fill)
         except ValueError as error:
             cells.append({"method": "mde", "budget": str(budget), "unreachable": str(error)})
             continue
