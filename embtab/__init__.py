@@ -8,7 +8,7 @@ prefer_passive_openmp()
 from embtab.collection import EmbeddingOutput, EmbeddingTables, MemoryReport, TableBytes
 from embtab.config import EmbeddingSpec, FeatureSpec, LogicalTable, MethodSpec, SparseOptimizer
 from embtab.methods import METHODS, FullTable
-from embtab.shard import dense_parameters, fuse
+from embtab.shard import ShardingConstraints, dense_parameters, format_plan, fuse, global_mean
 
 __all__ = [
     "EmbeddingOutput",
@@ -20,8 +20,11 @@ __all__ = [
     "METHODS",
     "MemoryReport",
     "MethodSpec",
+    "ShardingConstraints",
     "SparseOptimizer",
     "TableBytes",
     "dense_parameters",
+    "format_plan",
     "fuse",
+    "global_mean",
 ]

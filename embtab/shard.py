@@ -233,7 +233,9 @@ def fuse(
     `fused_optimizer` holds the sparse optimizer state, `dense_parameters(dmp)` the rest. With more
     than one rank, gradients are averaged across ranks (DDP for dense parameters, torchrec's
     gradient division for sharded tables): a rank's loss is its share of the global batch's mean,
-    `global_mean`, to train exactly as one process would on the global batch.
+    `global_mean`, to train exactly as one process would on the global batch. Tables planned
+    ``data_parallel`` become replicated dense parameters: give them to the dense optimizer (they
+    are among `dense_parameters`), as torchrec does.
 
     Example::
 

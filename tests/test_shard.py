@@ -62,3 +62,19 @@ def test_the_plan_prints_one_line_per_physical_table_with_its_shards():
     assert "table_wise" in by_table["user@qr0"] and "0: 8x8 @ (0,0)" in by_table["user@qr0"]
     assert "column_wise" in by_table["item@qr1"]
     assert "0: 7x4 @ (0,0), 0: 7x4 @ (0,4)" in by_table["item@qr1"]
+
+
+def test_rank_memory_bounds_the_plan():
+    """A 100k x 16 table with SGD needs ~6.4 MB; one rank of 1 MB cannot hold it, 64 MB can."""
+    from torchrec.distributed.planner.types import PlannerError
+
+    spec = EmbeddingSpec(features=(FeatureSpec("user", 100_000),), dim=16)
+    optimizer = embtab.SparseOptimizer("sgd", lr=0.1)
+    with pytest.raises(PlannerError, match="insufficient storage(.|\n)*table user"):
+        embtab.fuse(
+            embtab.EmbeddingTables(spec), optimizer, constraints=ShardingConstraints(rank_memory_bytes=10**6)
+        )
+    dmp = embtab.fuse(
+        embtab.EmbeddingTables(spec), optimizer, constraints=ShardingConstraints(rank_memory_bytes=64 * 10**6)
+    )
+    assert "100000x16" in format_plan(dmp.plan)
