@@ -72,11 +72,12 @@ def ram_store(initial: dict, optimizer: SparseOptimizer) -> RamStore:
 
 
 @pytest.mark.parametrize(
-    "kind, policy, storage",
-    [("sgd", "lru", "ram"), ("rowwise_adagrad", "lookahead", "ram"), ("rowwise_adagrad", "lfu", "mmap"),
-     ("adagrad", "lookahead", "ram")],
+    "kind, policy, storage, background",
+    [("sgd", "lru", "ram", True), ("rowwise_adagrad", "lookahead", "ram", True),
+     ("rowwise_adagrad", "lfu", "mmap", True), ("adagrad", "lookahead", "ram", True),
+     ("rowwise_adagrad", "lookahead", "ram", False)],
 )
-def test_training_through_a_small_cache_matches_the_in_memory_table(kind, policy, storage, tmp_path, one_thread):
+def test_training_through_a_small_cache_matches_the_in_memory_table(kind, policy, storage, background, tmp_path, one_thread):
     optimizer = SparseOptimizer(kind, lr=0.1)
     batches = zipf_batches(STEPS)
     initial, expected = reference(optimizer, batches)
@@ -85,7 +86,7 @@ def test_training_through_a_small_cache_matches_the_in_memory_table(kind, policy
         store = MmapStore.create(tmp_path / "item.store", ROWS, DIM, store.state_width)
         store.weights.copy_(initial["item"])
     dmp, offload = offloaded_model(optimizer, initial, store, policy)
-    with Prefetcher(batches, offload, window=4, ahead=2) as prefetched:
+    with Prefetcher(batches, offload, window=4, ahead=2, background=background) as prefetched:
         for kjt in prefetched:
             step(dmp, kjt)
     stats = offload.stats()["item"]
@@ -186,16 +187,23 @@ def test_each_policy_chooses_its_victim(name):
     """Slots 0..3 hold rows 0..3, used at steps 0..3 (row 1 twice); the window needs rows 0 and 2."""
     policy = make_policy(name, slots=4, rows=10)
     slot_map = torch.tensor([0, 1, 2, 3, -1, -1, -1, -1, -1, -1], dtype=torch.int32)
-    slot_row = torch.arange(4)
+    slot_row, evictable = torch.arange(4), torch.ones(4, dtype=torch.bool)
     for when, row in [(0, 0), (1, 1), (1, 1), (2, 2), (3, 3)]:
         policy.touch(torch.tensor([row]), torch.tensor([row]), when)
     window = [torch.tensor([2, 7]), torch.tensor([0])]
-    victim = int(torch.argmax(policy.scores(slot_row, slot_map, 4, window)))
+    for ids in window:
+        policy.enter(ids)
+    victim = int(torch.argmax(policy.scores(slot_row, slot_map, 4, window, evictable, 1)))
     assert victim == {"lru": 0, "lfu": 0, "lookahead": 1}[name]  # lookahead: not in the window, oldest
-    window = [torch.tensor([1]), torch.tensor([3]), torch.tensor([0, 2])]
-    victim = int(torch.argmax(policy.scores(slot_row, slot_map, 4, window)))
-    if name == "lookahead":
-        assert victim in (0, 2)  # every row is needed; the furthest next use goes
+    if name == "lookahead":  # every row is needed soon: the furthest next use goes
+        policy.enter(torch.tensor([1]))
+        policy.enter(torch.tensor([3]))
+        window = [torch.tensor([1]), torch.tensor([3]), torch.tensor([0, 2])]
+        scores = policy.scores(slot_row, slot_map, 4, window, evictable, 1)
+        assert scores.tolist() == [3, 1, 3, 2]
+        for ids in window:
+            policy.leave(ids)
+        assert policy.in_window.tolist() == [0, 0, 0, 0, 0, 0, 0, 1, 0, 0]
 
 
 def test_evaluation_does_not_dirty_rows(one_thread):

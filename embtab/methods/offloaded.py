@@ -29,12 +29,16 @@ class Offloaded(MethodSpec):
         cache_rows: slots of the cache (the fused physical table); at least the distinct rows of
             the batches in flight, at most the table's cardinality.
         policy: eviction policy, one of ``"lru"``, ``"lfu"``, ``"lookahead"``.
+        reclaim: fraction of the cache the policy frees at once when it is full (its scoring
+            touches every slot, so it runs once per ``reclaim * cache_rows`` missed rows rather
+            than every batch; the cost is that fraction of capacity, half of it on average).
     """
 
     name = "offloaded"
 
     cache_rows: int
     policy: str = "lookahead"
+    reclaim: float = 0.125
 
     def build(self, table: LogicalTable) -> "OffloadedMethod":
         from embtab.offload.policy import POLICIES  # the offload package imports this module
@@ -49,6 +53,10 @@ class Offloaded(MethodSpec):
             raise ValueError(
                 f"table {table.name!r} (offloaded): unknown eviction policy {self.policy!r}; "
                 f"expected one of {POLICIES}"
+            )
+        if not 0 < self.reclaim <= 1:
+            raise ValueError(
+                f"table {table.name!r} (offloaded): reclaim must be a fraction in (0, 1], got {self.reclaim!r}"
             )
         return OffloadedMethod(table, self)
 

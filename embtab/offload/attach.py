@@ -31,8 +31,8 @@ class Offload:
         self._keys: tuple[str, ...] = ()
         self._features: dict[str, list[int]] = {}
 
-    def rows_of(self, kjt: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
-        """The distinct logical rows of each offloaded table that `kjt` reads (int64, CPU)."""
+    def ids_of(self, kjt: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
+        """The ids (logical rows, repeats kept) of each offloaded table that `kjt` reads (int64, CPU)."""
         keys = tuple(kjt.keys())
         if keys != self._keys:
             self._features = {
@@ -42,9 +42,19 @@ class Offload:
         bounds = [0, *torch.tensor(kjt.length_per_key()).cumsum(0).tolist()]
         values = kjt.values().to("cpu", torch.int64)
         return {
-            name: torch.unique(torch.cat([values[bounds[i] : bounds[i + 1]] for i in positions]))
+            name: torch.cat([values[bounds[i] : bounds[i + 1]] for i in positions])
             for name, positions in self._features.items()
         }
+
+    def enter_window(self, ids: dict[str, torch.Tensor]) -> None:
+        """A batch (its `ids_of`) was read ahead into the look-ahead window."""
+        for name, cache in self.caches.items():
+            cache.policy.enter(ids[name])
+
+    def leave_window(self, ids: dict[str, torch.Tensor]) -> None:
+        """A batch left the window: it is the next to be admitted."""
+        for name, cache in self.caches.items():
+            cache.policy.leave(ids[name])
 
     def locks(self) -> ExitStack:
         """Hold every cache's lock (in a fixed order) until the returned stack exits."""
@@ -91,7 +101,8 @@ def attach(model: nn.Module, stores: Mapping[str, RowStore]) -> Offload:
             store.check_table(name, method.table.cardinality, physical.dim, int(state.shape[1]))
             features = [f.name for f in method.table.features]
             policy = make_policy(method.spec.policy, physical.rows, store.rows, name)
-            caches[name] = method.cache = RowCache(name, features, store, weights[key], state, policy)
+            reclaim = max(1, int(method.spec.reclaim * physical.rows))
+            caches[name] = method.cache = RowCache(name, features, store, weights[key], state, policy, reclaim)
     unused = sorted(set(stores) - set(caches))
     if unused:
         raise ValueError(f"stores given for {unused}, which are not offloaded tables; expected {sorted(caches)}")

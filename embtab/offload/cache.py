@@ -6,7 +6,7 @@ writes rows into that table (and their optimizer state into the fused optimizer'
 through views of the fbgemm module's storage, and keeps the bookkeeping on the CPU:
 
 - ``slot_map[row]``: the slot holding logical row `row`, or -1 (the method's remap reads it);
-- ``slot_row[slot]``: the row a slot holds, or -1 (free);
+- ``slot_row[slot]``: the row a slot holds, or -1 (free; free slots are kept on a stack);
 - ``last_use[slot]``: the last batch (in loader order) that needs the slot; a slot is evictable
   only once that batch's training step has finished (``last_use <= done``);
 - ``dirty[slot]``: the slot was (or will be) trained since it was loaded: write it back on eviction.
@@ -36,7 +36,8 @@ from embtab.offload.store import RowStore
 
 @dataclass
 class CacheStats:
-    """Counters of one cache since it was attached (rows are distinct rows per batch)."""
+    """Counters of one cache since it was attached: ids looked up (repeats count, as in a
+    per-access hit rate), ids whose row was cached before its batch was admitted, rows moved."""
 
     batches: int = 0
     lookups: int = 0
@@ -58,10 +59,11 @@ class CacheStats:
 class Admission:
     """What admitting one batch's rows will do, computed without changing the cache."""
 
-    rows: torch.Tensor
+    ids: torch.Tensor
     slots: torch.Tensor
+    hit: torch.Tensor
     missing: torch.Tensor
-    victims: torch.Tensor
+    evict: torch.Tensor
 
 
 class _Mover:
@@ -106,6 +108,7 @@ class RowCache:
         weights: a view of the fused cache table's weights (written in place).
         state: a view of its fused optimizer state, ``[C, store.state_width]``.
         policy: the eviction policy.
+        reclaim: slots freed at once when the cache is full (at least the batch's missing rows).
     """
 
     def __init__(
@@ -116,6 +119,7 @@ class RowCache:
         weights: torch.Tensor,
         state: torch.Tensor,
         policy: EvictionPolicy,
+        reclaim: int = 1,
     ) -> None:
         self.table, self.features, self.store, self.policy = table, tuple(features), store, policy
         # `.data`: the fused forward saves the table for its backward; writes into other slots
@@ -127,6 +131,9 @@ class RowCache:
         self.slot_row = torch.full((self.slots,), -1, dtype=torch.int64)
         self.last_use = torch.full((self.slots,), -1, dtype=torch.int64)
         self.dirty = torch.zeros(self.slots, dtype=torch.bool)
+        self.free_slots = torch.arange(self.slots - 1, -1, -1)
+        self.free_count = self.slots
+        self.reclaim = reclaim
         self.done = -1
         self.lock = threading.RLock()
         self.mover = _Mover(weights.device)
@@ -143,72 +150,101 @@ class RowCache:
             )
         return slots.to(torch.int64)
 
-    def plan(
-        self, rows: torch.Tensor, step: int, window: Sequence[torch.Tensor]
-    ) -> Admission | None:
-        """How batch `step` (distinct `rows`) gets cached, or None while too few slots are free
-        (batches in flight hold them). Changes nothing."""
-        if rows.numel() > self.slots:
+    def plan(self, ids: torch.Tensor, step: int, window: Sequence[torch.Tensor]) -> Admission | None:
+        """How batch `step` (its ids, repeats allowed) gets cached, or None while too few slots
+        can be freed (batches in flight hold them). Pins the batch's cached rows (``last_use``);
+        changes nothing else. When the free slots run short, the policy frees ``reclaim`` slots
+        (or as many as are missing) at once, so its O(cache_rows) scoring runs once per many
+        batches rather than per batch."""
+        slots = self.slot_map.index_select(0, ids).to(torch.int64)
+        hit = slots >= 0
+        self.last_use.index_fill_(0, slots[hit], step)
+        missing = self._distinct(ids[~hit])
+        short = missing.numel() - self.free_count
+        if short <= 0:
+            return Admission(ids, slots, hit, missing, missing[:0])
+        self._check_fits(ids, hit, missing, step)
+        evictable = (self.last_use <= self.done) & (self.slot_row >= 0)
+        available = int(evictable.sum())
+        if available < short:
+            return None
+        count = min(available, max(short, self.reclaim))
+        scores = self.policy.scores(self.slot_row, self.slot_map, step, window, evictable, count)
+        scores = scores.masked_fill(~evictable, torch.iinfo(scores.dtype).min)
+        return Admission(ids, slots, hit, missing, torch.topk(scores, count, sorted=False).indices)
+
+    def _distinct(self, rows: torch.Tensor) -> torch.Tensor:
+        """`rows` (none of them cached) without repeats, without sorting: each row's slot-map entry
+        briefly holds a mark, and the occurrence whose mark survived is kept. Uncached rows belong
+        to no batch in flight, so the forward never reads these entries."""
+        if rows.numel() == 0:
+            return rows
+        marks = -2 - torch.arange(rows.numel(), dtype=torch.int32)
+        self.slot_map.index_put_((rows,), marks)
+        distinct = rows[self.slot_map.index_select(0, rows) == marks]
+        self.slot_map.index_fill_(0, distinct, -1)
+        return distinct
+
+    def _check_fits(self, ids: torch.Tensor, hit: torch.Tensor, missing: torch.Tensor, step: int) -> None:
+        if missing.numel() + int(hit.sum()) <= self.slots:  # repeats counted: surely fits
+            return
+        needed = missing.numel() + int(torch.unique(ids[hit]).numel())
+        if needed > self.slots:
             raise ValueError(
                 f"offloaded table {self.table!r} (features {list(self.features)}): batch {step} needs "
-                f"{rows.numel()} distinct rows but cache_rows is {self.slots}; expected cache_rows >= "
+                f"{needed} distinct rows but cache_rows is {self.slots}; expected cache_rows >= "
                 "the distinct rows of one batch (raise cache_rows or lower the batch size)"
             )
-        slots = self.slot_map[rows].to(torch.int64)
-        missing = rows[slots < 0]
-        if missing.numel() == 0:
-            return Admission(rows, slots, missing, missing)
-        evictable = self.last_use <= self.done
-        evictable[slots[slots >= 0]] = False
-        if int(evictable.sum()) < missing.numel():
-            return None
-        scores = self.policy.scores(self.slot_row, self.slot_map, step, window)
-        scores = scores.masked_fill(self.slot_row < 0, float("inf")).masked_fill(~evictable, float("-inf"))
-        victims = torch.topk(scores, missing.numel(), sorted=False).indices
-        return Admission(rows, slots, missing, victims)
 
     @torch.no_grad()
     def admit(self, plan: Admission, step: int, train: bool) -> None:
-        """Carry `plan` out: write back evicted dirty rows, load the missing ones, pin the batch."""
-        hit = plan.slots >= 0
-        slots = plan.slots.clone()
-        if plan.victims.numel():
-            self._evict(plan.victims)
-            self._load(plan.missing, plan.victims)
-            slots[~hit] = plan.victims
-        self.last_use[slots] = step
-        self.policy.touch(slots, plan.rows, step)
+        """Carry `plan` out: write back and free the evicted rows, load the missing ones into
+        free slots, pin the batch."""
+        if plan.evict.numel():
+            self._evict(plan.evict)
+        if plan.missing.numel():
+            self.free_count -= plan.missing.numel()
+            self._load(plan.missing, self.free_slots[self.free_count : self.free_count + plan.missing.numel()].clone())
+        slots = plan.slots
+        if plan.missing.numel():
+            missed = ~plan.hit
+            slots = slots.masked_scatter(missed, self.slot_map.index_select(0, plan.ids[missed]).to(torch.int64))
+        self.last_use.index_fill_(0, slots, step)
+        self.policy.touch(slots, plan.ids, step)
         if train:
-            self.dirty[slots] = True
+            self.dirty.index_fill_(0, slots, True)
         self.mover.finish()
         self.stats.batches += 1
-        self.stats.lookups += plan.rows.numel()
-        self.stats.hits += int(hit.sum())
+        self.stats.lookups += plan.ids.numel()
+        self.stats.hits += int(plan.hit.sum())
 
     def _evict(self, victims: torch.Tensor) -> None:
-        old = self.slot_row[victims]
-        held = old >= 0
-        write = held & self.dirty[victims]
-        if bool(write.any()):
-            slots = victims[write]
+        """Write the dirty `victims` back, unmap their rows and push the slots on the free stack."""
+        old = self.slot_row.index_select(0, victims)
+        write = torch.nonzero(self.dirty.index_select(0, victims)).squeeze(1)
+        if write.numel():
+            slots = victims.index_select(0, write)
             state = self.mover.to_host(self.state, slots) if self.store.state_width else self.state[:0]
-            self.store.write(old[write], self.mover.to_host(self.weights, slots), state)
-            self.stats.written_rows += int(write.sum())
-        self.slot_map[old[held]] = -1
+            self.store.write(old.index_select(0, write), self.mover.to_host(self.weights, slots), state)
+            self.stats.written_rows += write.numel()
+        self.slot_map.index_fill_(0, old, -1)
         if self.device_slot_map is not self.slot_map:
-            self.device_slot_map[old[held].to(self.device_slot_map.device)] = -1
+            self.device_slot_map.index_fill_(0, old.to(self.device_slot_map.device), -1)
+        self.slot_row.index_fill_(0, victims, -1)
+        self.dirty.index_fill_(0, victims, False)
+        self.free_slots[self.free_count : self.free_count + victims.numel()] = victims
+        self.free_count += victims.numel()
 
     def _load(self, rows: torch.Tensor, victims: torch.Tensor) -> None:
         weights, state = self.store.read(rows)
         self.mover.to_device(self.weights, victims, weights)
         if self.store.state_width:
             self.mover.to_device(self.state, victims, state)
-        self.slot_map[rows] = victims.to(torch.int32)
+        self.slot_map.index_copy_(0, rows, victims.to(torch.int32))
         if self.device_slot_map is not self.slot_map:
             device = self.device_slot_map.device
-            self.device_slot_map[rows.to(device)] = victims.to(device, torch.int32)
-        self.slot_row[victims] = rows
-        self.dirty[victims] = False
+            self.device_slot_map.index_copy_(0, rows.to(device), victims.to(device, torch.int32))
+        self.slot_row.index_copy_(0, victims, rows)
         self.stats.loaded_rows += rows.numel()
 
     @torch.no_grad()

@@ -22,6 +22,7 @@ Example::
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -60,6 +61,11 @@ class Prefetcher(Generic[B]):
             hold the distinct rows of ``ahead + 1`` batches for the thread never to wait.
         train: mark the rows of handed-over batches dirty (False for evaluation).
         sparse: how to get the `KeyedJaggedTensor` of a batch.
+        nice: scheduling niceness of the thread (Linux, per thread): above 0 the training step's
+            threads take the cores first and the thread fills the gaps (serial parts of the step).
+        background: admit in a background thread (default). False admits each batch on the
+            caller's thread when it is requested: no overlap, but no competition for the cores
+            and the GIL either, which is faster when the store is RAM on a machine with few cores.
     """
 
     def __init__(
@@ -70,37 +76,41 @@ class Prefetcher(Generic[B]):
         ahead: int = 2,
         train: bool = True,
         sparse: Callable[[B], KeyedJaggedTensor] = sparse_of,
+        nice: int = 0,
+        background: bool = True,
     ) -> None:
         if window < 0 or ahead < 0:
             raise ValueError(f"window and ahead must be >= 0, got {window} and {ahead}")
         self.loader, self.offload, self.window, self.ahead = loader, offload, window, ahead
-        self.train, self.sparse = train, sparse
+        self.train, self.sparse, self.nice, self.background = train, sparse, nice, background
         self.waits: list[float] = []
         self._queue: queue.Queue = queue.Queue()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
-        self._stop = False
+        self._batches: Iterator[B] = iter(())
+        self._started = self._closed = self._stop = False
         self._first = self._done = self._handed = 0
         self._admitted = 0
 
     # ------------------------------------------------------------------------------ consumer side
     def __iter__(self) -> Iterator[B]:
-        if self._thread is None:
+        if not self._started:
             if self.offload.active:
                 raise RuntimeError("another Prefetcher drives these caches; close it first (it holds batches in flight)")
-            self.offload.active = True
+            self.offload.active, self._started = True, True
             self._first = self.offload.clock
             self._finish_steps(self._first - 1)
-            self._thread = threading.Thread(target=self._run, name="embtab-prefetch", daemon=True)
-            self._thread.start()
+            self._batches = self._admitted_batches()
+            if self.background:
+                self._thread = threading.Thread(target=self._run, name="embtab-prefetch", daemon=True)
+                self._thread.start()
         return self
 
     def __next__(self) -> B:
-        if self._thread is None:
-            iter(self)
+        iter(self)
         self._finish_steps(self._first + self._handed - 1)
         start = time.perf_counter()
-        item = self._queue.get()
+        item = self._queue.get() if self.background else next(self._batches, _End())
         self.waits.append(time.perf_counter() - start)
         if isinstance(item, _End):
             self.close()
@@ -130,12 +140,14 @@ class Prefetcher(Generic[B]):
 
     def close(self, flush: bool = True) -> None:
         """Stop the thread; batches admitted but not handed over are dropped; flush the caches."""
-        if self._thread is None or not self.offload.active:
+        if not self._started or self._closed:
             return
+        self._closed = True
         with self._cond:
             self._stop = True
             self._cond.notify_all()
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
         self.offload.clock = self._first + self._admitted
         self._finish_steps(self.offload.clock - 1)
         self.offload.active = False
@@ -155,15 +167,20 @@ class Prefetcher(Generic[B]):
 
     # ------------------------------------------------------------------------------ thread side
     def _run(self) -> None:
+        torch.set_num_threads(1)  # this thread's OpenMP teams only: leave the cores to the step
+        if self.nice and hasattr(os, "setpriority"):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)
         try:
-            self._admit_all()
+            for batch in self._batches:
+                self._queue.put(batch)
             self._queue.put(_End())
         except _Stopped:
             pass
         except BaseException as error:  # handed to the consumer, which raises it
             self._queue.put(error)
 
-    def _admit_all(self) -> None:
+    def _admitted_batches(self) -> Iterator[B]:
+        """The loader's batches, each yielded once its rows are admitted into the caches."""
         batches = iter(self.loader)
         pending: deque = deque()
         exhausted = False
@@ -173,14 +190,16 @@ class Prefetcher(Generic[B]):
                 if batch is _End:
                     exhausted = True
                 else:
-                    pending.append((batch, self.offload.rows_of(self.sparse(batch))))
+                    pending.append((batch, self.offload.ids_of(self.sparse(batch))))
+                    self.offload.enter_window(pending[-1][1])
             if not pending:
                 return
-            batch, rows = pending.popleft()
-            self._admit(rows, [later for _, later in pending])
-            self._queue.put(batch)
+            batch, ids = pending.popleft()
+            self.offload.leave_window(ids)
+            self._admit(ids, [later for _, later in pending])
+            yield batch
 
-    def _admit(self, rows: dict[str, torch.Tensor], window: list[dict[str, torch.Tensor]]) -> None:
+    def _admit(self, ids: dict[str, torch.Tensor], window: list[dict[str, torch.Tensor]]) -> None:
         step = self._first + self._admitted
         while True:
             with self._cond:
@@ -190,7 +209,7 @@ class Prefetcher(Generic[B]):
                 done = self._done
             with self.offload.locks():
                 caches = self.offload.caches
-                plans = {n: c.plan(rows[n], step, [w[n] for w in window]) for n, c in caches.items()}
+                plans = {n: c.plan(ids[n], step, [w[n] for w in window]) for n, c in caches.items()}
                 if all(p is not None for p in plans.values()):
                     for name, plan in plans.items():
                         caches[name].admit(plan, step, self.train)

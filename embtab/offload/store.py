@@ -34,14 +34,27 @@ def default_init_bound(rows: int) -> float:
 
 
 class RowStore:
-    """Common interface of the backing stores: gather and scatter whole rows with their state."""
+    """Common interface of the backing stores: gather and scatter whole rows with their state.
+
+    Each row's weights and optimizer state lie next to each other (``rows x (dim + state_width)``),
+    so moving a row touches one place in memory (or one page of the file).
+    """
 
     name: str
     rows: int
     dim: int
     state_width: int
-    weights: torch.Tensor
-    state: torch.Tensor
+    data: torch.Tensor
+
+    @property
+    def weights(self) -> torch.Tensor:
+        """``[rows, dim]`` view of the weights."""
+        return self.data[:, : self.dim]
+
+    @property
+    def state(self) -> torch.Tensor:
+        """``[rows, state_width]`` view of the optimizer state."""
+        return self.data[:, self.dim :]
 
     @property
     def row_bytes(self) -> int:
@@ -51,14 +64,13 @@ class RowStore:
     @torch.no_grad()
     def read(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Weights ``[n, dim]`` and state ``[n, state_width]`` of `rows` (int64, on the CPU)."""
-        return self.weights.index_select(0, rows), self.state.index_select(0, rows)
+        both = self.data.index_select(0, rows)
+        return both[:, : self.dim], both[:, self.dim :]
 
     @torch.no_grad()
     def write(self, rows: torch.Tensor, weights: torch.Tensor, state: torch.Tensor) -> None:
         """Overwrite `rows` with `weights` and `state` (CPU tensors)."""
-        self.weights.index_copy_(0, rows, weights)
-        if self.state_width:
-            self.state.index_copy_(0, rows, state)
+        self.data.index_copy_(0, rows, torch.cat([weights, state], 1) if self.state_width else weights)
 
     def flush(self) -> None:
         """Make every write durable (a no-op in RAM)."""
@@ -83,13 +95,11 @@ class RamStore(RowStore):
         if weights.ndim != 2 or weights.dtype != torch.float32:
             raise ValueError(f"store {name!r}: weights must be a float32 matrix, got {weights.dtype} {tuple(weights.shape)}")
         state = torch.zeros(weights.shape[0], 0) if state is None else state.reshape(weights.shape[0], -1)
-        pin = torch.cuda.is_available()
-        self.weights = weights.contiguous().pin_memory() if pin else weights.contiguous()
-        self.state = state.to(torch.float32).contiguous()
-        self.state = self.state.pin_memory() if pin and self.state.numel() else self.state
+        data = torch.cat([weights, state.to(torch.float32)], 1)
+        self.data = data.pin_memory() if torch.cuda.is_available() else data
         self.name = name
         self.rows, self.dim = (int(s) for s in weights.shape)
-        self.state_width = int(self.state.shape[1])
+        self.state_width = int(state.shape[1])
 
     @classmethod
     def create(cls, rows: int, dim: int, state_width: int, seed: int = 0, name: str = "ram") -> "RamStore":
@@ -109,7 +119,10 @@ class RamStore(RowStore):
 
 
 class MmapStore(RowStore):
-    """The table in a memory-mapped file; use `create` or `open`, then `close` (or ``with``)."""
+    """The table in a memory-mapped file; use `create` or `open`, then `close` (or ``with``).
+
+    Layout: a 4 KiB header (magic, JSON shape), then ``rows x (dim + state_width)`` float32.
+    """
 
     def __init__(self, path: Path, meta: dict, resident_bytes: int) -> None:
         self.path, self.name = path, str(path)
@@ -119,12 +132,9 @@ class MmapStore(RowStore):
         self._file = open(path, "r+b")
         self._map = mmap.mmap(self._file.fileno(), 0)
         self._map.madvise(mmap.MADV_RANDOM)
-        weight_count, state_count = self.rows * self.dim, self.rows * self.state_width
-        self.weights = torch.frombuffer(self._map, dtype=torch.float32, count=weight_count, offset=HEADER_BYTES)
-        self.weights = self.weights.view(self.rows, self.dim)
-        self.state = torch.frombuffer(
-            self._map, dtype=torch.float32, count=state_count, offset=HEADER_BYTES + 4 * weight_count
-        ).view(self.rows, self.state_width) if state_count else torch.zeros(self.rows, 0)
+        width = self.dim + self.state_width
+        self.data = torch.frombuffer(self._map, dtype=torch.float32, count=self.rows * width, offset=HEADER_BYTES)
+        self.data = self.data.view(self.rows, width)
 
     @staticmethod
     def file_bytes(rows: int, dim: int, state_width: int) -> int:
@@ -150,8 +160,8 @@ class MmapStore(RowStore):
         with open(path, "wb") as f:
             f.write(_header(meta))
             for first in range(0, rows, INIT_CHUNK_ROWS):
-                f.write(initial_rows(first, rows, dim, seed).numpy().tobytes())
-            f.truncate(cls.file_bytes(rows, dim, state_width))
+                weights = initial_rows(first, rows, dim, seed)
+                f.write(torch.cat([weights, torch.zeros(len(weights), state_width)], 1).numpy().tobytes())
         return cls(path, meta, resident_bytes)
 
     @classmethod
@@ -206,7 +216,7 @@ class MmapStore(RowStore):
         if self._map.closed:
             return
         self.flush()
-        del self.weights, self.state
+        del self.data
         self._map.close()
         self._file.close()
 
