@@ -5,8 +5,9 @@ in alternating rounds (in-memory first, then offloaded, then the reverse order),
 contention cancels out of the ratio:
 
 - in memory: every table a full fused table (`embtab.fuse`, fused row-wise Adagrad);
-- offloaded: the trace's big tables are `Offloaded(cache_rows)` over a `RamStore` (or, with
-  ``--store mmap``, an `MmapStore` file), fed by `embtab.offload.Prefetcher`.
+- offloaded: the trace's big tables are `Offloaded(cache_rows)`, sharing one cache of ``--caches``
+  times their rows, over `RamStore`s (or, with ``--store mmap``, `MmapStore` files), fed by
+  `embtab.offload.Prefetcher`.
 
 The model is the pooled embeddings -> MLP [256, 64, 1] -> BCE (dense part on SGD). Traces:
 
@@ -164,8 +165,10 @@ def run_cell(
 ) -> dict[str, Any]:
     """Train the offloaded model (and the in-memory one, alternating) on the trace's batches."""
     rows_of = {f.table_name: f.cardinality for f in trace.features}
-    caches = {t: max(1, int(fraction * rows_of[t])) for t in trace.offloaded}
-    methods = tuple((t, Offloaded(cache_rows=c, policy=policy)) for t, c in caches.items())
+    offloaded_rows = sum(rows_of[t] for t in trace.offloaded)
+    caches = {"offloaded_rows": offloaded_rows, "cache_rows": max(1, int(fraction * offloaded_rows))}
+    method = Offloaded(cache_rows=caches["cache_rows"], policy=policy)
+    methods = tuple((t, method) for t in trace.offloaded)
     _reset_peak_rss()
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
     trainer = Trainer(trace, args.dim, methods)

@@ -36,4 +36,4 @@ def test_a_cache_too_small_for_one_batch_is_reported_not_raised(tmp_path, one_th
     argv = ["--quick", "--traces", "zipf", "--caches", "0.001", "--policies", "lru", "--out", str(out)]
     bench_offload.main(argv)
     cell = json.loads(out.read_text())["cells"]["zipf1.05/cache0.001"]["lru"]
-    assert "cache_rows is 20; expected cache_rows >= the distinct rows of one batch" in cell["error"]
+    assert "cache_rows is 40; expected cache_rows >= the distinct rows of one batch" in cell["error"]

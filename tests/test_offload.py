@@ -46,9 +46,9 @@ def step(dmp, kjt) -> None:
     (out.pooled.values().square().sum() + out.sequence["hist"].values().square().sum()).backward()
 
 
-def item_state(dmp, rows: int = ROWS) -> torch.Tensor:
+def item_state(dmp, rows: int = ROWS, table: str = "item") -> torch.Tensor:
     state = dmp.fused_optimizer.state_dict()["state"]
-    tensors = [v.local_shards()[0].tensor for k, s in state.items() if k.endswith(".item.weight") for v in s.values()]
+    tensors = [v.local_shards()[0].tensor for k, s in state.items() if k.endswith(f".{table}.weight") for v in s.values()]
     return tensors[0].reshape(rows, -1).clone() if tensors else torch.zeros(rows, 0)
 
 
@@ -89,7 +89,7 @@ def test_training_through_a_small_cache_matches_the_in_memory_table(kind, policy
     with Prefetcher(batches, offload, window=4, ahead=2, background=background) as prefetched:
         for kjt in prefetched:
             step(dmp, kjt)
-    stats = offload.stats()["item"]
+    stats = offload.stats()["offload_cache"]
     assert stats.batches == STEPS and 0 < stats.hit_rate < 1 and stats.written_rows > 0  # evictions happened
     torch.testing.assert_close(store.weights, physical_weights(expected)["item"], rtol=0, atol=1e-6)
     torch.testing.assert_close(store.state, item_state(expected), rtol=0, atol=1e-6)
@@ -142,8 +142,8 @@ def test_a_cache_smaller_than_one_batch_is_an_error_naming_table_value_and_need(
     kjt = zipf_batches(1)[0]
     distinct = int(torch.unique(torch.cat([kjt["item"].values(), kjt["hist"].values()])).numel())
     message = (
-        rf"offloaded table 'item' \(features \['item', 'hist'\]\): batch 0 needs {distinct} distinct rows "
-        r"but cache_rows is 10; expected cache_rows >= the distinct rows of one batch"
+        rf"offload cache 'offload_cache' \(tables \['item'\], features \['item', 'hist'\]\): batch 0 needs "
+        rf"{distinct} distinct rows but cache_rows is 10; expected cache_rows >= the distinct rows of one batch"
     )
     with pytest.raises(ValueError, match=message):
         list(Prefetcher([kjt], offload))
@@ -168,18 +168,18 @@ def test_a_store_that_does_not_match_the_table_is_an_error(tmp_path):
 def test_a_forward_without_the_prefetcher_names_the_row_that_is_not_cached():
     dmp = fused(Offloaded(cache_rows=CACHE), SparseOptimizer("sgd", lr=0.1))
     attach(dmp, {"item": RamStore.create(ROWS, DIM, 0)})
-    with pytest.raises(RuntimeError, match=r"offloaded table 'item': row \d+ is not in the cache"):
+    with pytest.raises(RuntimeError, match=r"offloaded table 'item': id \d+ is not in the cache 'offload_cache'"):
         dmp(zipf_batches(1)[0])
 
 
 def test_cache_writes_land_in_the_fused_table_and_its_optimizer_state():
     dmp = fused(Offloaded(cache_rows=CACHE), SparseOptimizer("rowwise_adagrad", lr=0.1))
     offload = attach(dmp, {"item": RamStore.create(ROWS, DIM, 1)})
-    cache = offload.caches["item"]
+    cache = offload.caches["offload_cache"]
     cache.weights[3] = 7.0
     cache.state[3] = 2.0
-    assert torch.all(physical_weights(dmp)["item"][3] == 7.0)
-    assert item_state(dmp, CACHE)[3, 0] == 2.0
+    assert torch.all(physical_weights(dmp)["offload_cache"][3] == 7.0)
+    assert item_state(dmp, CACHE, "offload_cache")[3, 0] == 2.0
 
 
 @pytest.mark.parametrize("name", ["lru", "lfu", "lookahead"])
@@ -214,5 +214,5 @@ def test_evaluation_does_not_dirty_rows(one_thread):
     with torch.no_grad(), Prefetcher(zipf_batches(4), offload, train=False) as prefetched:
         for kjt in prefetched:
             dmp(kjt)
-    assert offload.stats()["item"].written_rows == 0
+    assert offload.stats()["offload_cache"].written_rows == 0
     torch.testing.assert_close(store.weights, initial["item"], rtol=0, atol=0)

@@ -1,8 +1,11 @@
 """An offloaded table: the full table lives in a backing store; a cache of its rows is fused.
 
 The method's one physical table is the cache, ``cache_rows x dim``, in the same fused torchrec
-collection as every other table, so fbgemm's kernels and fused optimizer train it unchanged. The
-remap is the cache's slot map: id -> slot. The rows of a batch must be cached before its forward;
+collection as every other table, so fbgemm's kernels and fused optimizer train it unchanged.
+Offloaded tables that name the same `cache` (default: one cache for all of them) share it, as the
+tables of an fbgemm TBE share its UVM cache: the tables' rows form one row space (each table's ids
+offset by the rows before it), so the cache's bookkeeping runs once per batch, not once per table.
+The remap is the cache's slot map: offset + id -> slot. The rows of a batch must be cached before its forward;
 `embtab.offload.Prefetcher` does that in a background thread while earlier batches train (see
 `embtab.offload` for the store, the cache and the eviction policies).
 """
@@ -26,8 +29,10 @@ class Offloaded(MethodSpec):
     """The full table in a backing store (RAM or an mmap file) behind a fused cache.
 
     Args:
-        cache_rows: slots of the cache (the fused physical table); at least the distinct rows of
-            the batches in flight, at most the table's cardinality.
+        cache_rows: slots of the cache (the fused physical table), shared by every table that
+            names the same `cache`; at least the distinct rows of one batch.
+        cache: name of the cache's physical table; tables sharing it need the same width,
+            `cache_rows`, `policy` and `reclaim`.
         policy: eviction policy, one of ``"lru"``, ``"lfu"``, ``"lookahead"``.
         reclaim: fraction of the cache the policy frees at once when it is full (its scoring
             touches every slot, so it runs once per ``reclaim * cache_rows`` missed rows rather
@@ -39,16 +44,14 @@ class Offloaded(MethodSpec):
     cache_rows: int
     policy: str = "lookahead"
     reclaim: float = 0.125
+    cache: str = "offload_cache"
 
     def build(self, table: LogicalTable) -> "OffloadedMethod":
         from embtab.offload.policy import POLICIES  # the offload package imports this module
 
         rows = self.cache_rows
-        if not isinstance(rows, int) or isinstance(rows, bool) or not 1 <= rows <= table.cardinality:
-            raise ValueError(
-                f"table {table.name!r} (offloaded): cache_rows must be an integer in "
-                f"[1, {table.cardinality}] (the table's cardinality), got {rows!r}"
-            )
+        if not isinstance(rows, int) or isinstance(rows, bool) or rows < 1:
+            raise ValueError(f"table {table.name!r} (offloaded): cache_rows must be an integer >= 1, got {rows!r}")
         if self.policy not in POLICIES:
             raise ValueError(
                 f"table {table.name!r} (offloaded): unknown eviction policy {self.policy!r}; "
@@ -67,8 +70,9 @@ class OffloadedMethod(TableMethod):
     def __init__(self, table: LogicalTable, spec: Offloaded) -> None:
         super().__init__(table)
         self.spec = spec
-        self.physical_tables = (PhysicalTable(table.name, spec.cache_rows, table.dim),)
+        self.physical_tables = (PhysicalTable(spec.cache, spec.cache_rows, table.dim),)
         self.cache: RowCache | None = None
+        self.offset = 0
 
     def remap(self, ids: torch.Tensor) -> torch.Tensor:
         if self.cache is None:
@@ -76,7 +80,7 @@ class OffloadedMethod(TableMethod):
                 f"offloaded table {self.table.name!r} has no backing store; expected "
                 "embtab.offload.attach(model, stores) before the first forward"
             )
-        return self.cache.slots_of(ids).unsqueeze(0)
+        return self.cache.slots_of(ids + self.offset).unsqueeze(0)
 
     def combine(self, vectors: list[torch.Tensor]) -> torch.Tensor:
         return vectors[0]

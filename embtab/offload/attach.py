@@ -14,11 +14,11 @@ from embtab.collection import EmbeddingTables
 from embtab.methods.offloaded import OffloadedMethod
 from embtab.offload.cache import CacheStats, RowCache
 from embtab.offload.policy import make_policy
-from embtab.offload.store import RowStore
+from embtab.offload.store import ConcatStore, RowStore
 
 
 class Offload:
-    """The row caches of a model's offloaded tables, by logical table name.
+    """The row caches of a model's offloaded tables, by cache (physical table) name.
 
     `clock` counts the batches admitted so far over every prefetcher (the caches' batch numbers);
     at most one `Prefetcher` drives the caches at a time.
@@ -32,19 +32,23 @@ class Offload:
         self._features: dict[str, list[int]] = {}
 
     def ids_of(self, kjt: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
-        """The ids (logical rows, repeats kept) of each offloaded table that `kjt` reads (int64, CPU)."""
+        """Per cache, the rows (table offset + id, repeats kept) that `kjt` reads (int64, CPU)."""
         keys = tuple(kjt.keys())
         if keys != self._keys:
-            self._features = {
-                name: [keys.index(f) for f in cache.features if f in keys] for name, cache in self.caches.items()
-            }
+            self._features = {name: self._positions(cache, keys) for name, cache in self.caches.items()}
             self._keys = keys
         bounds = [0, *torch.tensor(kjt.length_per_key()).cumsum(0).tolist()]
         values = kjt.values().to("cpu", torch.int64)
         return {
-            name: torch.cat([values[bounds[i] : bounds[i + 1]] for i in positions])
+            name: torch.cat([values[bounds[i] : bounds[i + 1]] + offset for i, offset in positions])
             for name, positions in self._features.items()
         }
+
+    @staticmethod
+    def _positions(cache: RowCache, keys: tuple[str, ...]) -> list[tuple[int, int]]:
+        """(key position, row offset) of every feature that reads `cache`."""
+        offsets = dict(zip(cache.store.names, cache.store.offsets.tolist()))
+        return [(keys.index(f), offsets[t]) for t, features in cache.tables.items() for f in features if f in keys]
 
     def enter_window(self, ids: dict[str, torch.Tensor]) -> None:
         """A batch (its `ids_of`) was read ahead into the look-ahead window."""
@@ -81,32 +85,51 @@ def attach(model: nn.Module, stores: Mapping[str, RowStore]) -> Offload:
     """Give every offloaded table of `model` its store; returns the caches to prefetch with.
 
     Call it after `embtab.fuse` (on the `DistributedModelParallel`), so the caches write into the
-    fused kernels' weights and fused optimizer state in place. Every store must match its table:
-    cardinality rows of the table's width, with the fused optimizer's state per row.
+    fused kernels' weights and fused optimizer state in place. `stores` maps each offloaded
+    logical table to its store: cardinality rows of the table's width, with the fused
+    optimizer's state per row.
     """
     weights = {k: _local(v) for k, v in model.state_dict().items() if _is_table_weight(k)}
     states = _optimizer_states(model)
-    caches: dict[str, RowCache] = {}
+    groups: dict[str, list[OffloadedMethod]] = {}
     for tables in (m for m in model.modules() if isinstance(m, EmbeddingTables)):
-        for name, method in tables.methods.items():
-            if not isinstance(method, OffloadedMethod):
-                continue
-            physical = method.physical_tables[0]
-            key = _only_key(weights, physical.name)
-            if name not in stores:
-                raise ValueError(f"offloaded table {name!r} has no store; expected stores for {sorted(stores)}")
-            state = states.get(key, torch.zeros(physical.rows, 0))
-            state = state.view(physical.rows, -1)
-            store = stores[name]
-            store.check_table(name, method.table.cardinality, physical.dim, int(state.shape[1]))
-            features = [f.name for f in method.table.features]
-            policy = make_policy(method.spec.policy, physical.rows, store.rows, name)
-            reclaim = max(1, int(method.spec.reclaim * physical.rows))
-            caches[name] = method.cache = RowCache(name, features, store, weights[key], state, policy, reclaim)
-    unused = sorted(set(stores) - set(caches))
-    if unused:
-        raise ValueError(f"stores given for {unused}, which are not offloaded tables; expected {sorted(caches)}")
+        for method in tables.methods.values():
+            if isinstance(method, OffloadedMethod):
+                groups.setdefault(method.physical_tables[0].name, []).append(method)
+    missing = sorted(m.table.name for group in groups.values() for m in group if m.table.name not in stores)
+    unused = sorted(set(stores) - {m.table.name for group in groups.values() for m in group})
+    if missing or unused:
+        raise ValueError(f"offloaded tables without a store: {missing}; stores for no offloaded table: {unused}")
+    caches = {name: _cache(name, group, stores, weights, states) for name, group in groups.items()}
     return Offload(caches)
+
+
+def _cache(
+    name: str,
+    members: list[OffloadedMethod],
+    stores: Mapping[str, RowStore],
+    weights: dict[str, torch.Tensor],
+    states: dict[str, torch.Tensor],
+) -> RowCache:
+    """One cache over the tables in `members`, which share the physical table `name`."""
+    specs = {m.spec for m in members}
+    if len(specs) != 1:
+        raise ValueError(f"offloaded tables {[m.table.name for m in members]} share cache {name!r} but differ: {specs}")
+    spec, physical = specs.pop(), members[0].physical_tables[0]
+    key = _only_key(weights, name)
+    state = states.get(key, torch.zeros(physical.rows, 0)).view(physical.rows, -1)
+    for method in members:
+        stores[method.table.name].check_table(method.table.name, method.table.cardinality, physical.dim, int(state.shape[1]))
+    store = ConcatStore([stores[m.table.name] for m in members], [m.table.name for m in members])
+    for method, offset in zip(members, store.offsets.tolist()):
+        method.offset = offset
+    policy = make_policy(spec.policy, physical.rows, store.rows, name)
+    reclaim = max(1, int(spec.reclaim * physical.rows))
+    tables = {m.table.name: [f.name for f in m.table.features] for m in members}
+    cache = RowCache(name, tables, store, weights[key], state, policy, reclaim)
+    for method in members:
+        method.cache = cache
+    return cache
 
 
 def _is_table_weight(key: str) -> bool:

@@ -31,7 +31,7 @@ from typing import Sequence
 import torch
 
 from embtab.offload.policy import EvictionPolicy
-from embtab.offload.store import RowStore
+from embtab.offload.store import ConcatStore
 
 
 @dataclass
@@ -102,9 +102,9 @@ class RowCache:
     """`weights` (``[C, dim]``) and `state` (``[C, s]``) of the fused table as a cache over `store`.
 
     Args:
-        table: the logical table's name (for messages and statistics).
-        features: the features that read the table (for messages).
-        store: the backing store with the whole table.
+        name: the cache's physical table name.
+        tables: the logical tables that share it, and their features (for messages).
+        store: the tables' stores, as one row space.
         weights: a view of the fused cache table's weights (written in place).
         state: a view of its fused optimizer state, ``[C, store.state_width]``.
         policy: the eviction policy.
@@ -113,15 +113,15 @@ class RowCache:
 
     def __init__(
         self,
-        table: str,
-        features: Sequence[str],
-        store: RowStore,
+        name: str,
+        tables: dict[str, list[str]],
+        store: ConcatStore,
         weights: torch.Tensor,
         state: torch.Tensor,
         policy: EvictionPolicy,
         reclaim: int = 1,
     ) -> None:
-        self.table, self.features, self.store, self.policy = table, tuple(features), store, policy
+        self.name, self.tables, self.store, self.policy = name, tables, store, policy
         # `.data`: the fused forward saves the table for its backward; writes into other slots
         # while a step is in flight must not bump the autograd version counter it checks.
         self.weights, self.state = weights.data, state.data
@@ -143,10 +143,10 @@ class RowCache:
         """Cache slots of logical `rows` (int64, same device as `rows`); every row must be cached."""
         slots = self.device_slot_map[rows]
         if rows.numel() and int(slots.min()) < 0:
-            missing = int(rows[slots < 0][0])
+            table, missing = self.store.locate(int(rows[slots < 0][0]))
             raise RuntimeError(
-                f"offloaded table {self.table!r}: row {missing} is not in the cache; expected every "
-                "batch to come through embtab.offload.Prefetcher, which loads its rows first"
+                f"offloaded table {table!r}: id {missing} is not in the cache {self.name!r}; expected "
+                "every batch to come through embtab.offload.Prefetcher, which loads its rows first"
             )
         return slots.to(torch.int64)
 
@@ -190,10 +190,11 @@ class RowCache:
             return
         needed = missing.numel() + int(torch.unique(ids[hit]).numel())
         if needed > self.slots:
+            features = [f for names in self.tables.values() for f in names]
             raise ValueError(
-                f"offloaded table {self.table!r} (features {list(self.features)}): batch {step} needs "
-                f"{needed} distinct rows but cache_rows is {self.slots}; expected cache_rows >= "
-                "the distinct rows of one batch (raise cache_rows or lower the batch size)"
+                f"offload cache {self.name!r} (tables {list(self.tables)}, features {features}): batch "
+                f"{step} needs {needed} distinct rows but cache_rows is {self.slots}; expected "
+                "cache_rows >= the distinct rows of one batch (raise cache_rows or lower the batch size)"
             )
 
     @torch.no_grad()

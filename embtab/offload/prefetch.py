@@ -110,7 +110,7 @@ class Prefetcher(Generic[B]):
         iter(self)
         self._finish_steps(self._first + self._handed - 1)
         start = time.perf_counter()
-        item = self._queue.get() if self.background else next(self._batches, _End())
+        item = self._queue.get() if self.background else self._next_inline()
         self.waits.append(time.perf_counter() - start)
         if isinstance(item, _End):
             self.close()
@@ -120,6 +120,16 @@ class Prefetcher(Generic[B]):
             raise item
         self._handed += 1
         return item
+
+    def _next_inline(self) -> B | _End:
+        """The next admitted batch, admitted here on one intra-op thread (small indexing ops run
+        faster without an OpenMP team on a busy machine)."""
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return next(self._batches, _End())
+        finally:
+            torch.set_num_threads(threads)
 
     def _finish_steps(self, step: int) -> None:
         """Batches up to `step` are trained: release their slots and wake the thread."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import mmap
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -225,6 +226,59 @@ class MmapStore(RowStore):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class ConcatStore(RowStore):
+    """Several tables' stores as one row space (table i's rows start at ``offsets[i]``), for a
+    cache that several offloaded tables share, as FBGEMM's cache offsets each table's rows."""
+
+    def __init__(self, stores: Sequence[RowStore], names: Sequence[str]) -> None:
+        shapes = {(s.dim, s.state_width) for s in stores}
+        if len(shapes) != 1:
+            raise ValueError(f"tables {list(names)} share a cache but their stores differ in width or state: {shapes}")
+        self.stores, self.names = list(stores), list(names)
+        self.dim, self.state_width = shapes.pop()
+        sizes = torch.tensor([s.rows for s in stores])
+        self.offsets = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)])
+        self.rows = int(self.offsets[-1])
+        self.name = "+".join(s.name for s in stores)
+
+    def _parts(self, rows: torch.Tensor) -> list[tuple[RowStore, torch.Tensor, torch.Tensor]]:
+        """(store, positions in `rows`, local rows) for every store that `rows` touch."""
+        if len(self.stores) == 1:
+            return [(self.stores[0], torch.arange(rows.numel()), rows)]
+        which = torch.searchsorted(self.offsets, rows, right=True) - 1
+        parts = []
+        for i, store in enumerate(self.stores):
+            positions = torch.nonzero(which == i).squeeze(1)
+            if positions.numel():
+                parts.append((store, positions, rows.index_select(0, positions) - self.offsets[i]))
+        return parts
+
+    def read(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(self.stores) == 1:
+            return self.stores[0].read(rows)
+        out = torch.empty(rows.numel(), self.dim + self.state_width)
+        for store, positions, local in self._parts(rows):
+            weights, state = store.read(local)
+            out.index_copy_(0, positions, torch.cat([weights, state], 1))
+        return out[:, : self.dim], out[:, self.dim :]
+
+    def write(self, rows: torch.Tensor, weights: torch.Tensor, state: torch.Tensor) -> None:
+        if len(self.stores) == 1:
+            self.stores[0].write(rows, weights, state)
+            return
+        for store, positions, local in self._parts(rows):
+            store.write(local, weights.index_select(0, positions), state.index_select(0, positions))
+
+    def locate(self, row: int) -> tuple[str, int]:
+        """(table, id) of combined row `row`."""
+        i = int(torch.searchsorted(self.offsets, torch.tensor(row), right=True)) - 1
+        return self.names[i], row - int(self.offsets[i])
+
+    def flush(self) -> None:
+        for store in self.stores:
+            store.flush()
 
 
 def state_width_of(optimizer_kind: str | None, dim: int) -> int:
