@@ -8,7 +8,7 @@ import embtab
 from embtab.budget import solve_budget
 from embtab.methods import SEARCH_METHODS, method_from_dict
 from embtab.methods.optembed import OptEmbed, StraightThroughStep, ste_slope
-from embtab.search.export import _weights
+from embtab.search.export import table_weights
 
 FEATURES = (embtab.FeatureSpec("u", 4),)
 SPEC = embtab.EmbeddingSpec(features=FEATURES, dim=4, method=OptEmbed(t_lr=0.1, alpha=0.5))
@@ -26,7 +26,7 @@ def one_id_each() -> KeyedJaggedTensor:
 def tables_with_rows() -> embtab.EmbeddingTables:
     tables = embtab.EmbeddingTables(SPEC)
     with torch.no_grad():
-        dict(_weights(tables))["u"].copy_(ROWS)
+        table_weights(tables)["u"].copy_(ROWS)
         tables.methods["u"].threshold.fill_(0.5)
     return tables
 
@@ -52,7 +52,7 @@ def test_rows_under_the_threshold_output_zero_and_get_the_estimators_gradient():
     method = tables.methods["u"]
     dots = (g * ROWS).sum(1)
     expected_rows = g * keep + (dots * ste_slope(Z)).unsqueeze(1) * torch.sign(ROWS)
-    assert torch.allclose(dict(_weights(tables))["u"].grad, expected_rows, atol=1e-6)
+    assert torch.allclose(table_weights(tables)["u"].grad, expected_rows, atol=1e-6)
     assert float(expected_rows[0].abs().sum()) > 0  # the pruned row still learns through z
     # SGD (lr 0.1) on the loss's gradient -sum(dots * slope) plus alpha * exp(-t)'s, -0.5 * exp(-0.5)
     grad = -(dots * ste_slope(Z)).sum() - 0.5 * torch.exp(torch.tensor(-0.5))

@@ -7,7 +7,7 @@ from torchrec import KeyedJaggedTensor
 import embtab
 from embtab.budget import solve_budget
 from embtab.methods.pep import PEP
-from embtab.search.export import _weights
+from embtab.search.export import table_weights
 
 FEATURES = (embtab.FeatureSpec("u", 3),)
 ROWS = torch.tensor([[0.5, -0.05, 0.2, -0.3], [0.01, 0.02, -0.03, 0.04], [1.0, -1.0, 0.0, 0.1]])
@@ -17,7 +17,7 @@ def tables(granularity: str, s0: float = -2.0) -> embtab.EmbeddingTables:
     spec = embtab.EmbeddingSpec(features=FEATURES, dim=4, method=PEP(granularity=granularity, init_threshold=s0))
     built = embtab.EmbeddingTables(spec)
     with torch.no_grad():
-        dict(_weights(built))["u"].copy_(ROWS)
+        table_weights(built)["u"].copy_(ROWS)
     return built
 
 

@@ -225,7 +225,7 @@ def build_compact(
     ``freeze_zeros=True`` for retraining (zeros stay zero), False for inference (pooling in-kernel).
     """
     tables = EmbeddingTables(compact_spec(spec, table_plans, freeze_zeros))
-    weights = dict(_weights(tables))
+    weights = table_weights(tables)
     with torch.no_grad():
         for name, plan in table_plans.items():
             method = tables.methods[name]
@@ -238,11 +238,16 @@ def build_compact(
     return tables
 
 
-def _weights(tables: EmbeddingTables) -> list[tuple[str, torch.Tensor]]:
-    """(physical table name, weight parameter) of unfused tables."""
-    collections = [tables.ebc.embedding_bags] if tables.ebc is not None else []
-    collections += [ec.embeddings for ec in tables.ecs.values()]
-    return [(name, module.weight) for c in collections for name, module in c.items()]
+def table_weights(tables: EmbeddingTables) -> dict[str, torch.nn.Parameter]:
+    """The weight parameter of every physical table of unfused `tables`, by table name (wherever
+    the collection keeps its torchrec modules)."""
+    out = {}
+    for module in tables.modules():
+        if isinstance(module, torchrec.EmbeddingBagCollection):
+            out.update({name: bag.weight for name, bag in module.embedding_bags.items()})
+        elif isinstance(module, torchrec.EmbeddingCollection):
+            out.update({name: emb.weight for name, emb in module.embeddings.items()})
+    return out
 
 
 def quantize(tables: EmbeddingTables) -> EmbeddingTables:
