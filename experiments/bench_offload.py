@@ -204,6 +204,7 @@ def run_cell(
     batch = trace.batches[0].stride()
     cell = {
         "caches": caches,
+        "store_bytes": sum(s.rows * s.row_bytes for s in stores.values()),
         "samples_per_s": batch * steps / statistics.median(off_times),
         "hit_rate": hits / max(lookups, 1),
         "bytes_moved_per_step": moved / (steps * args.rounds),

@@ -8,16 +8,18 @@ copy is the only authoritative one.
 - `RamStore`: host tensors (pinned when CUDA is present, so copies to the GPU are asynchronous).
 - `MmapStore`: a memory-mapped file for tables larger than RAM, created, opened, flushed and
   closed explicitly. A 4 KiB header records the shape; `open` rejects a file that does not match
-  the table. Reads touch only the pages of the rows read (``MADV_RANDOM``: no read-ahead), and the
-  mapping drops its resident pages every `resident_bytes` of traffic, so the process's RSS stays
-  near the cache's size rather than growing towards the table's (the pages stay in the kernel's
-  page cache and are re-read from there or from disk).
+  the table. Opening drops the file's page cache (see `_drop_page_cache`), reads touch only the
+  pages of the rows read (``MADV_RANDOM``: no read-ahead), and the mapping drops its resident
+  pages every `resident_bytes` of traffic, so the process's RSS stays near the cache's size rather
+  than growing towards the table's (the pages stay in the kernel's page cache and are re-read
+  from there or from disk).
 """
 
 from __future__ import annotations
 
 import json
 import mmap
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -26,7 +28,7 @@ import torch
 MAGIC = b"EMBTAB-ROW-STORE"
 HEADER_BYTES = 4096
 FORMAT_VERSION = 1
-INIT_CHUNK_ROWS = 1 << 20
+INIT_CHUNK_ROWS = 1 << 18
 
 
 def default_init_bound(rows: int) -> float:
@@ -131,6 +133,7 @@ class MmapStore(RowStore):
         self.resident_bytes = resident_bytes
         self._touched = 0
         self._file = open(path, "r+b")
+        _drop_page_cache(self._file.fileno())
         self._map = mmap.mmap(self._file.fileno(), 0)
         self._map.madvise(mmap.MADV_RANDOM)
         width = self.dim + self.state_width
@@ -162,7 +165,7 @@ class MmapStore(RowStore):
             f.write(_header(meta))
             for first in range(0, rows, INIT_CHUNK_ROWS):
                 weights = initial_rows(first, rows, dim, seed)
-                f.write(torch.cat([weights, torch.zeros(len(weights), state_width)], 1).numpy().tobytes())
+                f.write(torch.cat([weights, torch.zeros(len(weights), state_width)], 1).numpy())
         return cls(path, meta, resident_bytes)
 
     @classmethod
@@ -279,6 +282,14 @@ class ConcatStore(RowStore):
     def flush(self) -> None:
         for store in self.stores:
             store.flush()
+
+
+def _drop_page_cache(fd: int) -> None:
+    """Write the file's dirty pages and drop its page cache. A file just written sequentially sits
+    in the page cache as large folios, and a fault maps a whole folio (hundreds of KiB for one
+    256-byte row); re-read with MADV_RANDOM, each fault maps only the page it needs."""
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 def state_width_of(optimizer_kind: str | None, dim: int) -> int:
