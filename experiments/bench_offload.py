@@ -23,7 +23,8 @@ The model is the pooled embeddings -> MLP [256, 64, 1] -> BCE (dense part on SGD
 Per cell (after ``--warmup`` steps that fill the cache): samples/s of both and their ratio (median
 over rounds), cache hit rate, bytes moved per step (rows loaded + rows written back, with their
 optimizer state), time a step waited on the prefetcher and steps that waited over 1 ms ("stalls"),
-peak RSS (VmHWM, reset before the cell; the process holds both models) and major page faults.
+peak RSS (VmHWM, reset before the cell; the process holds both models), the largest anonymous and
+file-backed (mapped store pages) RSS seen after a timed round, and major page faults.
 
     python -m experiments.bench_offload --out results/bench_offload.json
     python -m experiments.bench_offload --quick --out /tmp/offload.json          # seconds
@@ -146,6 +147,12 @@ def _peak_rss_bytes() -> int:
     return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
 
 
+def _rss_split() -> tuple[int, int]:
+    """(anonymous, file-backed) resident bytes now: the cache and bookkeeping vs mapped store pages."""
+    status = Path("/proc/self/status").read_text()
+    return tuple(int(re.search(rf"{k}:\s+(\d+)", status).group(1)) * 1024 for k in ("RssAnon", "RssFile"))
+
+
 def _reset_peak_rss() -> None:
     try:
         Path("/proc/self/clear_refs").write_text("5")
@@ -175,7 +182,7 @@ def run_cell(
     stores = make_stores(trace, rows_of, args.dim, args.store, folder)
     offload = attach(trainer.dmp, stores)
     warm, steps = args.warmup, args.steps
-    off_times, ref_times, waits = [], [], []
+    off_times, ref_times, waits, split = [], [], [], [0, 0]
     try:
         with Prefetcher(trace.batches, offload, window=args.window, ahead=args.ahead, nice=args.nice,
                         background=args.prefetch == "thread") as batches:
@@ -192,6 +199,7 @@ def run_cell(
                         first = len(batches.waits)
                         off_times.append(_timed(lambda: [trainer.step(next(batches)) for _ in chunk]))
                         waits.extend(batches.waits[first:])
+                        split = [max(pair) for pair in zip(split, _rss_split())]
     except ValueError as error:
         return {"caches": caches, "error": str(error)}
     finally:
@@ -212,6 +220,8 @@ def run_cell(
         "stalls": sum(w > STALL_SECONDS for w in waits),
         "timed_steps": len(waits),
         "peak_rss_bytes": _peak_rss_bytes(),
+        "rss_anon_bytes": split[0],
+        "rss_file_bytes": split[1],
         "major_faults": resource.getrusage(resource.RUSAGE_SELF).ru_majflt - faults,
     }
     if reference is not None:
@@ -327,6 +337,7 @@ def _summary(cell: dict[str, Any]) -> str:
         f"{cell['samples_per_s']:.0f} samples/s ratio {ratio} hit {cell['hit_rate']:.3f} "
         f"{cell['bytes_moved_per_step'] / 2**20:.2f} MiB/step wait {cell['wait_ms_per_step']:.2f} ms/step "
         f"stalls {cell['stalls']}/{cell['timed_steps']} rss {cell['peak_rss_bytes'] / 2**30:.2f} GiB "
+        f"(anon {cell['rss_anon_bytes'] / 2**30:.2f}, file {cell['rss_file_bytes'] / 2**30:.2f}) "
         f"majflt {cell['major_faults']}"
     )
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -127,8 +128,10 @@ class MmapStore(RowStore):
     Layout: a 4 KiB header (magic, JSON shape), then ``rows x (dim + state_width)`` float32.
     """
 
-    def __init__(self, path: Path, meta: dict, resident_bytes: int) -> None:
+    def __init__(self, path: Path, meta: dict, resident_bytes: int, readers: int = 8) -> None:
         self.path, self.name = path, str(path)
+        self.readers = readers
+        self._pool = ThreadPoolExecutor(readers, thread_name_prefix="embtab-store")
         self.rows, self.dim, self.state_width = meta["rows"], meta["dim"], meta["state_width"]
         self.resident_bytes = resident_bytes
         self._touched = 0
@@ -194,13 +197,22 @@ class MmapStore(RowStore):
             )
         return cls(path, meta, resident_bytes)
 
+    @torch.no_grad()
     def read(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = super().read(rows)
+        """Gather `rows`, in `readers` slices at once: each missing page is a synchronous fault,
+        so parallel slices keep several disk reads in flight."""
+        out = torch.empty(rows.numel(), self.dim + self.state_width)
+        slices = list(zip(rows.tensor_split(self.readers), out.tensor_split(self.readers)))
+        list(self._pool.map(lambda part: torch.index_select(self.data, 0, part[0], out=part[1]), slices))
         self._count(rows.numel())
-        return out
+        return out[:, : self.dim], out[:, self.dim :]
 
+    @torch.no_grad()
     def write(self, rows: torch.Tensor, weights: torch.Tensor, state: torch.Tensor) -> None:
-        super().write(rows, weights, state)
+        """Scatter `rows`, in `readers` slices at once (writing a row first faults its page in)."""
+        both = torch.cat([weights, state], 1) if self.state_width else weights
+        slices = list(zip(rows.tensor_split(self.readers), both.tensor_split(self.readers)))
+        list(self._pool.map(lambda part: self.data.index_copy_(0, part[0], part[1]), slices))
         self._count(rows.numel())
 
     def _count(self, rows: int) -> None:
@@ -220,6 +232,7 @@ class MmapStore(RowStore):
         if self._map.closed:
             return
         self.flush()
+        self._pool.shutdown()
         del self.data
         self._map.close()
         self._file.close()
