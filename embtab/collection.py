@@ -28,6 +28,7 @@ from embtab.config import EmbeddingSpec, FeatureSpec, LogicalTable, SparseOptimi
 from embtab.methods.base import PhysicalTable, TableMethod
 
 POOLED_BUCKET = "pooled"
+PER_ID_BUCKET = "per_id"
 
 
 class EmbeddingOutput(NamedTuple):
@@ -109,6 +110,11 @@ class EmbeddingTables(nn.Module):
         self._features = {f.name: f for t in logical for f in t.features}
         self._physical = self._collect_physical_tables()
         self._pieces = self._place_pieces()
+        self._group_of = self._group_tables()
+        self._group_members = {
+            head: [(p.table, p.probe) for p in self._pieces if self._group_of.get(p.table) == head]
+            for head in dict.fromkeys(self._group_of.values())
+        }
         self._build_collections(device)
         self._column_cache: dict[tuple[str, ...], tuple[list[tuple[str, int]], list[int]]] = {}
 
@@ -132,25 +138,64 @@ class EmbeddingTables(nn.Module):
                     )
         return physical
 
-    def _needs_per_id_lookup(self, table: LogicalTable) -> bool:
-        method = self._method(table.name)
-        return any(f.is_sequence for f in table.features) or not method.pooling_commutes
+    def _bucket_of(self, table: LogicalTable, target: PhysicalTable) -> str:
+        """Where a physical table is looked up: the pooled EBC when pooling commutes with the
+        method's combine; one id per bag in the per-id EBC when it does not (pooled after the
+        combine); the per-width EC when the table serves a sequence feature."""
+        if any(f.is_sequence for f in table.features):
+            return f"dim{target.dim}"
+        return POOLED_BUCKET if self._method(table.name).pooling_commutes else PER_ID_BUCKET
 
     def _place_pieces(self) -> list[_Piece]:
-        per_id_tables = {
-            p.name
-            for t in self._logical.values()
-            if self._needs_per_id_lookup(t)
-            for p in self._method(t.name).physical_tables
-        }
+        """A physical table shared by several logical tables (multiplexing) is looked up the way
+        its most demanding user needs: per id in an EC, else one id per bag, else pooled."""
+        rank = {POOLED_BUCKET: 0, PER_ID_BUCKET: 1}
+        buckets: dict[str, str] = {}
+        for table in self._logical.values():
+            for target in self._method(table.name).physical_tables:
+                bucket = self._bucket_of(table, target)
+                seen = buckets.setdefault(target.name, bucket)
+                if rank.get(bucket, 2) > rank.get(seen, 2):
+                    buckets[target.name] = bucket
         pieces = []
         for table in self._logical.values():
             physical = self._method(table.name).physical_tables
             for probe, target in enumerate(physical):
-                bucket = f"dim{target.dim}" if target.name in per_id_tables else POOLED_BUCKET
                 keys = tuple(physical_key(f.name, probe, len(physical)) for f in table.features)
-                pieces.append(_Piece(table.name, probe, keys, bucket))
+                pieces.append(_Piece(table.name, probe, keys, buckets[target.name]))
         return pieces
+
+    def _group_key(self, name: str) -> tuple | None:
+        """Tables with equal keys combine in one call on their stacked columns: bag lookups only,
+        the same combine, sum pooling, physical tables of their own and of one width."""
+        method, table = self._method(name), self._logical[name]
+        signature = method.combine_signature()
+        pieces = [p for p in self._pieces if p.table == name]
+        buckets = {p.bucket for p in pieces}
+        widths = {t.dim for t in method.physical_tables}
+        own = all(
+            sum(t.name == target.name for m in self.methods.values() for t in m.physical_tables) == 1  # type: ignore[union-attr]
+            for target in method.physical_tables
+        )
+        if signature is None or len(buckets) != 1 or len(widths) != 1 or not own:
+            return None
+        if buckets - {POOLED_BUCKET, PER_ID_BUCKET} or any(f.pooling != "sum" for f in table.features):
+            return None
+        return (signature, *buckets, len(table.features), len(pieces), *widths)
+
+    def _group_tables(self) -> dict[str, str]:
+        """Runs of consecutive tables with one group key: table -> the run's first table."""
+        group_of: dict[str, str] = {}
+        run: list[str] = []
+        keys = {name: self._group_key(name) for name in self._logical}
+        for name in [*self._logical, None]:
+            if run and (name is None or keys[name] is None or keys[name] != keys[run[0]]):
+                if len(run) > 1:
+                    group_of.update({member: run[0] for member in run})
+                run = []
+            if name is not None and keys[name] is not None:
+                run.append(name)
+        return group_of
 
     def _table_features(self, bucket: str) -> dict[str, list[str]]:
         features: dict[str, list[str]] = {}
@@ -163,10 +208,11 @@ class EmbeddingTables(nn.Module):
     def _build_collections(self, device: torch.device | None) -> None:
         buckets = list(dict.fromkeys(p.bucket for p in self._pieces))
         self.ebc: EmbeddingBagCollection | None = None
+        self.per_id_ebc: EmbeddingBagCollection | None = None
         self.ecs = nn.ModuleDict()
         for bucket in buckets:
             tables = self._table_features(bucket)
-            if bucket == POOLED_BUCKET:
+            if bucket in (POOLED_BUCKET, PER_ID_BUCKET):
                 configs = [
                     EmbeddingBagConfig(
                         name=name,
@@ -177,7 +223,11 @@ class EmbeddingTables(nn.Module):
                     )
                     for name, keys in tables.items()
                 ]
-                self.ebc = EmbeddingBagCollection(tables=configs, device=device)
+                collection = EmbeddingBagCollection(tables=configs, device=device)
+                if bucket == POOLED_BUCKET:
+                    self.ebc = collection
+                else:
+                    self.per_id_ebc = collection
             else:
                 configs = [
                     EmbeddingConfig(
@@ -193,6 +243,11 @@ class EmbeddingTables(nn.Module):
         self._bucket_keys = {
             b: [k for p in self._pieces if p.bucket == b for k in p.keys] for b in buckets
         }
+
+    def collections(self) -> list[nn.Module]:
+        """The torchrec collections that hold the physical tables (what `embtab.fuse` shards)."""
+        bags = [c for c in (self.ebc, self.per_id_ebc) if c is not None]
+        return [*bags, *self.ecs.values()]
 
     # ----------------------------------------------------------------------------- accounting
     @property
@@ -228,13 +283,49 @@ class EmbeddingTables(nn.Module):
         stride = kjt.stride()
         table_inputs = self._table_inputs(kjt)
         looked_up = self._lookup(self._physical_inputs(table_inputs))
-        if POOLED_BUCKET in looked_up:
-            looked_up[POOLED_BUCKET] = self._piece_blocks(looked_up[POOLED_BUCKET])  # type: ignore[arg-type]
+        for bucket in (POOLED_BUCKET, PER_ID_BUCKET):
+            if bucket in looked_up:
+                looked_up[bucket] = self._piece_blocks(looked_up[bucket], bucket)  # type: ignore[arg-type]
         pooled_blocks: dict[str, torch.Tensor] = {}
         sequence: dict[str, JaggedTensor] = {}
         for name, (_, lengths, sizes) in table_inputs.items():
-            self._combine_table(name, lengths, sizes, stride, looked_up, pooled_blocks, sequence)
+            head = self._group_of.get(name)
+            if head is None:
+                self._combine_table(name, lengths, sizes, stride, looked_up, pooled_blocks, sequence)
+            elif head == name:
+                pooled_blocks[name] = self._combine_group(name, table_inputs, stride, looked_up)
         return EmbeddingOutput(self._pooled_output(pooled_blocks, stride), sequence)
+
+    def _combine_group(
+        self,
+        head: str,
+        table_inputs: dict[str, tuple[torch.Tensor, torch.Tensor, list[int]]],
+        stride: int,
+        looked_up: dict[str, object],
+    ) -> torch.Tensor:
+        """One combine call for a run of like tables (the same method on stacked columns)."""
+        names = [n for n, h in self._group_of.items() if h == head]
+        pieces = [p for p in self._pieces if p.table == head]
+        block = looked_up[pieces[0].bucket][(head, -1)]  # type: ignore[index]
+        features, width = len(pieces[0].keys), self._method(head).physical_tables[0].dim
+        stacked = block.reshape(block.shape[0], len(names), len(pieces), features, width)
+        combined = self._method(head).combine(list(stacked.unbind(2)))
+        lengths = torch.cat([table_inputs[n][1] for n in names])
+        if pieces[0].bucket == POOLED_BUCKET or bool((lengths == 1).all()):
+            return combined[:stride].reshape(stride, -1)
+        return torch.cat([self._pool_group_member(n, combined[:, i], table_inputs[n], stride) for i, n in enumerate(names)], 1)
+
+    def _pool_group_member(
+        self,
+        name: str,
+        combined: torch.Tensor,
+        inputs: tuple[torch.Tensor, torch.Tensor, list[int]],
+        stride: int,
+    ) -> torch.Tensor:
+        _, lengths, sizes = inputs
+        per_feature = tuple(combined[:n, f] for f, n in enumerate(sizes))
+        features = list(range(len(sizes)))
+        return self._pool_per_id(self._logical[name], torch.cat(per_feature), per_feature, lengths, stride, features)
 
     def _canonical(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
         keys = kjt.keys()
@@ -330,9 +421,16 @@ class EmbeddingTables(nn.Module):
         values: dict[str, list[torch.Tensor]] = {b: [] for b in self._bucket_keys}
         lengths: dict[str, list[torch.Tensor]] = {b: [] for b in self._bucket_keys}
         remapped = {name: self._method(name).remap(ids) for name, (ids, _, _) in table_inputs.items()}
+        per_id_counts: list[int] = []
         for piece in self._pieces:
             values[piece.bucket].append(remapped[piece.table][piece.probe])
-            lengths[piece.bucket].append(table_inputs[piece.table][1])
+            if piece.bucket == PER_ID_BUCKET:
+                per_id_counts.extend(table_inputs[piece.table][2])
+            else:
+                lengths[piece.bucket].append(table_inputs[piece.table][1])
+        if per_id_counts:
+            device = values[PER_ID_BUCKET][0].device
+            lengths[PER_ID_BUCKET] = [_one_id_bags(per_id_counts, device)]
         return {
             bucket: KeyedJaggedTensor(
                 keys=keys, values=torch.cat(values[bucket]), lengths=torch.cat(lengths[bucket])
@@ -343,25 +441,38 @@ class EmbeddingTables(nn.Module):
     def _lookup(self, inputs: dict[str, KeyedJaggedTensor]) -> dict[str, object]:
         out: dict[str, object] = {}
         for bucket, kjt in inputs.items():
-            module = self.ebc if bucket == POOLED_BUCKET else self.ecs[bucket]
-            out[bucket] = module(kjt)
+            module = {POOLED_BUCKET: self.ebc, PER_ID_BUCKET: self.per_id_ebc}.get(bucket)
+            out[bucket] = (module or self.ecs[bucket])(kjt)
         return out
 
-    def _piece_blocks(self, pooled: KeyedTensor) -> dict[tuple[str, int], torch.Tensor]:
-        """Each pooled piece's columns of the lookup output, cut by one `split` (cheap backward)."""
-        keys = tuple(pooled.keys())
+    def _piece_blocks(self, pooled: KeyedTensor, bucket: str) -> dict[tuple[str, int], torch.Tensor]:
+        """Each piece's columns of a bag lookup's output, cut by one `split` (cheap backward); a
+        table group's columns as one block keyed ``(head, -1)``, a view when the lookup kept them
+        together in table order (as on one process), else assembled in that order."""
+        keys = (bucket, *pooled.keys())
         if keys not in self._column_cache:
-            self._column_cache[keys] = self._piece_layout(keys, pooled.offset_per_key())
+            self._column_cache[keys] = self._piece_layout(keys[1:], pooled.offset_per_key(), bucket)
         order, sizes = self._column_cache[keys]
-        return dict(zip(order, torch.split(pooled.values(), sizes, dim=1)))
+        values = pooled.values()
+        blocks = dict(zip(order, torch.split(values, sizes, dim=1)))
+        for head, members in self._group_members.items():
+            if members[0] not in blocks:
+                continue
+            first = order.index(members[0])
+            if order[first : first + len(members)] == members:
+                width = sum(sizes[first : first + len(members)])
+                blocks[(head, -1)] = values.narrow(1, sum(sizes[:first]), width)
+            else:
+                blocks[(head, -1)] = torch.cat([blocks[m] for m in members], 1)
+        return blocks
 
     def _piece_layout(
-        self, keys: tuple[str, ...], offsets: list[int]
+        self, keys: tuple[str, ...], offsets: list[int], bucket: str
     ) -> tuple[list[tuple[str, int]], list[int]]:
         position = {k: i for i, k in enumerate(keys)}
         spans = []
         for piece in self._pieces:
-            if piece.bucket == POOLED_BUCKET:
+            if piece.bucket == bucket:
                 first, last = position[piece.keys[0]], position[piece.keys[-1]]
                 if last - first + 1 != len(piece.keys):
                     raise RuntimeError(f"pooled lookup split the columns of {piece.keys}")
@@ -383,6 +494,9 @@ class EmbeddingTables(nn.Module):
         pieces = [p for p in self._pieces if p.table == name]
         if pieces[0].bucket == POOLED_BUCKET:
             pooled_blocks[name] = self._combine_pooled(table, method, pieces, lengths, stride, looked_up)
+            return
+        if pieces[0].bucket == PER_ID_BUCKET:
+            pooled_blocks[name] = self._combine_one_id_bags(table, method, pieces, lengths, sizes, stride, looked_up)
             return
         per_id = method.combine([_gather_per_id(looked_up[p.bucket], p.keys) for p in pieces])
         per_feature = torch.split(per_id, sizes)
@@ -411,6 +525,28 @@ class EmbeddingTables(nn.Module):
         combined = _apply_mean(combined, table.features, lengths.view(count, stride).t())
         return combined.reshape(stride, -1)
 
+    def _combine_one_id_bags(
+        self,
+        table: LogicalTable,
+        method: TableMethod,
+        pieces: list,
+        lengths: torch.Tensor,
+        sizes: list[int],
+        stride: int,
+        looked_up: dict[str, object],
+    ) -> torch.Tensor:
+        """Combine per id (row i of feature f's column block is its i-th id), then pool the bags;
+        when every bag holds one id the combined rows already are the bags."""
+        blocks: dict[tuple[str, int], torch.Tensor] = looked_up[PER_ID_BUCKET]  # type: ignore[assignment]
+        count = len(table.features)
+        vectors = [blocks[(p.table, p.probe)] for p in pieces]
+        combined = method.combine([v.reshape(v.shape[0], count, -1) for v in vectors])
+        if bool((lengths == 1).all()):
+            return combined[:stride].reshape(stride, -1)
+        per_feature = tuple(combined[:n, f] for f, n in enumerate(sizes))
+        per_id = torch.cat(per_feature)
+        return self._pool_per_id(table, per_id, per_feature, lengths, stride, list(range(count)))
+
     def _pool_per_id(
         self,
         table: LogicalTable,
@@ -438,18 +574,27 @@ class EmbeddingTables(nn.Module):
             return None
         keys, widths = [], []
         for name, table in self._logical.items():
-            if name in blocks:
+            if name in blocks or self._group_of.get(name) in blocks:
                 for feature in table.features:
                     if not feature.is_sequence:
                         keys.append(feature.name)
                         widths.append(self._method(name).out_dim)
-        ordered = [blocks[name] for name in self._logical if name in blocks]
-        return KeyedTensor(keys=keys, length_per_key=widths, values=torch.cat(ordered, dim=1))
+        ordered = [blocks[name] for name in self._logical if name in blocks]  # group heads included
+        values = ordered[0] if len(ordered) == 1 else torch.cat(ordered, dim=1)
+        return KeyedTensor(keys=keys, length_per_key=widths, values=values)
 
 
 def physical_key(feature: str, probe: int, probes: int) -> str:
     """Name of a logical feature's ids for one physical table (the feature's own name if only one)."""
     return feature if probes == 1 else f"{feature}@{probe}"
+
+
+def _one_id_bags(counts: list[int], device: torch.device) -> torch.Tensor:
+    """Lengths that make each id its own bag: key k gets `counts[k]` bags of one id, then empty
+    bags up to the longest key (every key of a KeyedJaggedTensor has the same number of bags)."""
+    bags = max(max(counts), 1)
+    per_key = torch.tensor(counts, device=device).unsqueeze(1)
+    return (torch.arange(bags, device=device) < per_key).flatten().to(torch.int64)
 
 
 def _gather_per_id(per_feature: object, keys: tuple[str, ...]) -> torch.Tensor:

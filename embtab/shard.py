@@ -183,7 +183,8 @@ def _check_cpu_pooled_types(model: nn.Module, constraints: ShardingConstraints) 
     """torchrec offers no row-wise sharding of pooled tables on CPU (its output reduce-scatter has
     no gloo kernel, torchrec #1252): say so, instead of the planner's 'no available sharding type'."""
     for tables in embedding_tables_of(model):
-        pooled = [c.name for c in tables.ebc.embedding_bag_configs()] if tables.ebc else []
+        bags = [c for c in (tables.ebc, tables.per_id_ebc) if c is not None]
+        pooled = [t.name for c in bags for t in c.embedding_bag_configs()]
         for name in pooled:
             types = constraints.types_of(name)
             if all(t in ROW_SPLITTING for t in types):
@@ -247,9 +248,8 @@ def fuse(
     optimizer_class, kwargs = _OPTIMIZER_CLASSES[optimizer.kind], _optimizer_kwargs(optimizer)
     for tables in embedding_tables_of(model):
         tables.sparse_optimizer = optimizer
-        for collection in [tables.ebc, *tables.ecs.values()]:
-            if collection is not None:
-                apply_optimizer_in_backward(optimizer_class, collection.parameters(), kwargs)
+        for collection in tables.collections():
+            apply_optimizer_in_backward(optimizer_class, collection.parameters(), kwargs)
     group = process_group or single_process_group()
     plan = plan or plan_sharding(model, group, device, constraints)
     single = dist.get_world_size(group) == 1

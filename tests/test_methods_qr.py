@@ -168,3 +168,30 @@ def test_out_of_range_ids_are_rejected_and_size_knob_decreases_bytes():
         tables = embtab.EmbeddingTables(embtab.EmbeddingSpec(features=FEATURES, dim=DIM, method=smaller))
         sizes.append(tables.memory_bytes().total)
     assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == 5
+
+
+@pytest.mark.parametrize("operation", ["mult", "add", "concat"])
+@pytest.mark.parametrize("max_len,one_id_each", [(1, True), (1, False), (3, False)])
+def test_like_tables_combined_in_one_call_match_the_per_table_path(operation, max_len, one_id_each):
+    """Three pooled QR tables form one group (one combine on stacked columns); the outputs and a
+    fused SGD step equal the same tables combined one by one, for bags of exactly one id (the
+    combined rows are the bags), and for empty and multi-id bags (pooled after the combine)."""
+    features = tuple(embtab.FeatureSpec(f"g{i}", CARD, required=one_id_each) for i in range(3))
+    spec = embtab.EmbeddingSpec(features=features, dim=DIM, method=QREmbedding(10, operation=operation))
+    models = []
+    for grouped in (True, False):
+        torch.manual_seed(0)
+        tables = embtab.EmbeddingTables(spec)
+        if not grouped:
+            tables._group_of, tables._group_members = {}, {}
+        models.append(embtab.fuse(tables, embtab.SparseOptimizer("sgd", lr=0.5)))
+    assert set(models[0].module._group_of) == {"g0", "g1", "g2"}
+    for step in range(2):
+        kjt = random_kjt(features, batch=5, seed=step, max_len=max_len)
+        outputs = [m(kjt).pooled for m in models]
+        torch.testing.assert_close(outputs[0].values(), outputs[1].values(), rtol=0, atol=1e-6)
+        assert outputs[0].keys() == outputs[1].keys() == ["g0", "g1", "g2"]
+        for out in outputs:
+            out.values().square().sum().backward()
+    for name, weight in physical_weights(models[1]).items():
+        torch.testing.assert_close(physical_weights(models[0])[name], weight, rtol=0, atol=1e-6)

@@ -23,6 +23,7 @@ from embtab.testing import random_kjt, run_ranks, slice_batch
 
 FEATURES = (
     FeatureSpec("user", 40),
+    FeatureSpec("city", 20),  # with user: two like pooled tables, combined as one group
     FeatureSpec("tag", 30, pooling="mean"),
     FeatureSpec("item", 50),
     FeatureSpec("hist", 50, pooling="none", table="item"),
@@ -61,7 +62,7 @@ class Head(nn.Module):
     def __init__(self, spec: EmbeddingSpec) -> None:
         super().__init__()
         self.tables = embtab.EmbeddingTables(spec)
-        self.linear = nn.Linear(4 * DIM, 1)
+        self.linear = nn.Linear(5 * DIM, 1)
 
     def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
         out = self.tables(kjt)

@@ -68,6 +68,12 @@ class TableMethod(nn.Module):
         """Combine P looked-up tensors ``[..., dim_p]`` into the logical vectors ``[..., out_dim]``."""
         raise NotImplementedError
 
+    def combine_signature(self) -> tuple | None:
+        """Tables whose methods return equal signatures may be combined in one call on stacked
+        vectors ``[..., tables, features, dim]`` (`combine` must then not depend on the table);
+        None (the default) combines this table on its own."""
+        return None
+
     def extra_bytes(self) -> int:
         """Bytes of the method's own parameters and buffers (projections, importance weights)."""
         tensors = list(self.parameters()) + list(self.buffers())

@@ -30,3 +30,6 @@ class FullTableMethod(TableMethod):
 
     def combine(self, vectors: list[torch.Tensor]) -> torch.Tensor:
         return vectors[0]
+
+    def combine_signature(self) -> tuple | None:
+        return ("identity",)

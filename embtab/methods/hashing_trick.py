@@ -63,3 +63,6 @@ class HashingTrickMethod(TableMethod):
 
     def combine(self, vectors: list[torch.Tensor]) -> torch.Tensor:
         return vectors[0]
+
+    def combine_signature(self) -> tuple | None:
+        return ("identity",)

@@ -142,6 +142,9 @@ class ManagedCollisionMethod(TableMethod):
     def combine(self, vectors: list[torch.Tensor]) -> torch.Tensor:
         return vectors[0]
 
+    def combine_signature(self) -> tuple | None:
+        return ("identity",)
+
     def extra_bytes(self) -> int:
         """Bytes of the id map and eviction metadata (the module's checkpointed buffers).
 
@@ -210,7 +213,7 @@ def attach_row_reset(model: nn.Module) -> int:
     for tables in (m for m in model.modules() if isinstance(m, EmbeddingTables)):
         weights = tables.state_dict()
         optimizer_states: dict[str, dict[str, torch.Tensor]] = {}
-        for collection in [tables.ebc, *tables.ecs.values()]:
+        for collection in tables.collections():
             fused = getattr(collection, "fused_optimizer", None)
             if fused is not None:
                 optimizer_states.update(fused.state_dict()["state"])

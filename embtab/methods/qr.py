@@ -141,6 +141,9 @@ class QRMethod(TableMethod):
         digits.append(torch.div(ids, self.radices[-1], rounding_mode="floor"))  # < sizes[-1]
         return torch.stack(digits)
 
+    def combine_signature(self) -> tuple | None:
+        return ("qr", self.operation, len(self.sizes))
+
     def combine(self, vectors: list[torch.Tensor]) -> torch.Tensor:
         if self.operation == "concat":
             return torch.cat(vectors, dim=-1)
