@@ -27,7 +27,8 @@ def test_a_quick_run_writes_every_cell(tmp_path, one_thread):
             assert cell["samples_per_s"] > 0 and cell["ratio_to_in_memory"] > 0
             assert 0 <= cell["hit_rate"] <= 1 and cell["bytes_moved_per_step"] > 0
             assert cell["timed_steps"] == 2 * 3 and cell["peak_rss_bytes"] > 0
-    assert set(result["best_policy"]) == set(result["cells"])
+    assert set(result["best_policy"]["by_ratio_to_in_memory"]) == set(result["cells"])
+    assert set(result["best_policy"]["by_hit_rate"]) == set(result["cells"])
     assert result["goal"]["ratio_to_in_memory"] == 0.7 and result["goal"]["best_ratio"] > 0
 
 

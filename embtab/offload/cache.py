@@ -3,13 +3,17 @@
 The cache's slots are the rows of an ordinary physical table (``cache_rows x dim``) of the fused
 torchrec collection, so fbgemm's kernels and its fused optimizer run on them unchanged. `RowCache`
 writes rows into that table (and their optimizer state into the fused optimizer's state) in place,
-through views of the fbgemm module's storage, and keeps the bookkeeping on the CPU:
+through views of the fbgemm module's storage, and keeps the bookkeeping on the CPU. Tables that
+share the cache form one row space (row = the table's offset + id, see `ConcatStore`):
 
-- ``slot_map[row]``: the slot holding logical row `row`, or -1 (the method's remap reads it);
+- ``slot_map[row]``: the slot holding `row`, or -1 (the method's remap reads it);
 - ``slot_row[slot]``: the row a slot holds, or -1 (free; free slots are kept on a stack);
 - ``last_use[slot]``: the last batch (in loader order) that needs the slot; a slot is evictable
   only once that batch's training step has finished (``last_use <= done``);
 - ``dirty[slot]``: the slot was (or will be) trained since it was loaded: write it back on eviction.
+
+Missing rows go into free slots; when too few are free, the policy scores every slot once and
+frees ``reclaim`` of them (never one a batch in flight needs), writing the dirty ones back.
 
 Each row has exactly one authoritative copy: the cached one while it is cached, the store's
 otherwise. Evicted dirty rows are written back before any row is read, in the same thread and
