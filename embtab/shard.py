@@ -10,6 +10,7 @@ and a cluster.
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping
 
@@ -52,6 +53,8 @@ class _PlannerNoise(logging.Filter):
 
 
 logging.getLogger("torchrec.distributed.planner.types").addFilter(_PlannerNoise())
+# torchrec 1.8 still hands out ShardedTensors; every use of one warns that it is deprecated.
+warnings.filterwarnings("ignore", message="Please use DTensor instead", category=FutureWarning)
 
 
 class _NoDataParallel(DataParallelWrapper):
