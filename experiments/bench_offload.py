@@ -23,8 +23,9 @@ The model is the pooled embeddings -> MLP [256, 64, 1] -> BCE (dense part on SGD
 Per cell (after ``--warmup`` steps that fill the cache): samples/s of both and their ratio (median
 over rounds), cache hit rate, bytes moved per step (rows loaded + rows written back, with their
 optimizer state), time a step waited on the prefetcher and steps that waited over 1 ms ("stalls"),
-peak RSS (VmHWM, reset before the cell; the process holds both models), the largest anonymous and
-file-backed (mapped store pages) RSS seen after a timed round, and major page faults.
+peak RSS (VmHWM, reset before the cell; the process holds both models) and its rise over the RSS
+before the cell (models dropped by earlier cells are not all returned to the OS), the largest
+anonymous and file-backed (mapped store pages) RSS seen after a timed round, and major page faults.
 
     python -m experiments.bench_offload --out results/bench_offload.json
     python -m experiments.bench_offload --quick --out /tmp/offload.json          # seconds
@@ -54,6 +55,7 @@ from data.synthetic import make_synthetic, permute, zipf_ranks
 from embtab.config import EmbeddingSpec, FeatureSpec, SparseOptimizer
 from embtab.methods.offloaded import Offloaded
 from embtab.offload import MmapStore, Prefetcher, RamStore, attach, state_width_of
+from embtab.testing import rss_bytes
 from experiments.common import parser, write_json
 
 GOAL = {"trace": "zipf1.05", "cache": 0.1, "ratio_to_in_memory": 0.7}
@@ -179,6 +181,7 @@ def run_cell(
     methods = tuple((t, method) for t in trace.offloaded)
     gc.collect()  # the previous cell's model and stores sit in reference cycles until collected
     _reset_peak_rss()
+    before = rss_bytes()
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
     trainer = Trainer(trace, args.dim, methods)
     stores = make_stores(trace, rows_of, args.dim, args.store, folder)
@@ -222,6 +225,7 @@ def run_cell(
         "stalls": sum(w > STALL_SECONDS for w in waits),
         "timed_steps": len(waits),
         "peak_rss_bytes": _peak_rss_bytes(),
+        "cell_peak_rss_bytes": _peak_rss_bytes() - before,
         "rss_anon_bytes": split[0],
         "rss_file_bytes": split[1],
         "major_faults": resource.getrusage(resource.RUSAGE_SELF).ru_majflt - faults,

@@ -10,7 +10,7 @@ from experiments import bench_offload
 
 FIGURES = {
     "samples_per_s", "in_memory_samples_per_s", "ratio_to_in_memory", "hit_rate", "bytes_moved_per_step",
-    "wait_ms_per_step", "stalls", "timed_steps", "peak_rss_bytes", "rss_anon_bytes", "rss_file_bytes", "major_faults", "caches", "store_bytes",
+    "wait_ms_per_step", "stalls", "timed_steps", "peak_rss_bytes", "cell_peak_rss_bytes", "rss_anon_bytes", "rss_file_bytes", "major_faults", "caches", "store_bytes",
 }  # fmt: skip
 
 
