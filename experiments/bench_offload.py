@@ -181,7 +181,7 @@ def run_cell(
     methods = tuple((t, method) for t in trace.offloaded)
     gc.collect()  # the previous cell's model and stores sit in reference cycles until collected
     _reset_peak_rss()
-    before = rss_bytes()
+    rss_start = rss_bytes()
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
     trainer = Trainer(trace, args.dim, methods)
     stores = make_stores(trace, rows_of, args.dim, args.store, folder)
@@ -225,7 +225,7 @@ def run_cell(
         "stalls": sum(w > STALL_SECONDS for w in waits),
         "timed_steps": len(waits),
         "peak_rss_bytes": _peak_rss_bytes(),
-        "cell_peak_rss_bytes": _peak_rss_bytes() - before,
+        "cell_peak_rss_bytes": _peak_rss_bytes() - rss_start,
         "rss_anon_bytes": split[0],
         "rss_file_bytes": split[1],
         "major_faults": resource.getrusage(resource.RUSAGE_SELF).ru_majflt - faults,
