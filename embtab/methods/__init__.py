@@ -13,6 +13,7 @@ from embtab.methods.managed_collision import ManagedCollision
 from embtab.methods.mde import MDE
 from embtab.methods.multi_hash import MultiHash
 from embtab.methods.multiplex import Multiplexed
+from embtab.methods.offloaded import Offloaded
 from embtab.methods.optembed import OptEmbed
 from embtab.methods.pep import PEP
 from embtab.methods.pruned import PrunedTable
@@ -37,15 +38,20 @@ SEARCH_METHODS: dict[str, type[MethodSpec]] = {
     DNIS.name: DNIS,
 }
 
+# Not compression: where a full table's rows live (a fused cache in front of a RAM or mmap store).
+PLACEMENT_METHODS: dict[str, type[MethodSpec]] = {
+    Offloaded.name: Offloaded,
+}
+
 
 def method_from_dict(data: Mapping[str, Any]) -> MethodSpec:
     """Build a method spec from ``{"name": <registry key>, **parameters}`` (e.g. a TOML table)."""
     params = dict(data)
     name = params.pop("name", None)
-    known = {**METHODS, **SEARCH_METHODS}
+    known = {**METHODS, **SEARCH_METHODS, **PLACEMENT_METHODS}
     if name not in known:
         raise ValueError(f"unknown embedding method {name!r}; expected one of {sorted(known)}")
     return known[name](**params)
 
 
-__all__ = ["METHODS", "SEARCH_METHODS", "MethodSpec", "PhysicalTable", "TableMethod", "FullTable", "method_from_dict"]
+__all__ = ["METHODS", "SEARCH_METHODS", "PLACEMENT_METHODS", "MethodSpec", "PhysicalTable", "TableMethod", "FullTable", "method_from_dict"]
