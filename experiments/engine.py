@@ -13,6 +13,7 @@ and only rank 0 writes files (checkpoints hold whole tables, loadable by any num
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,7 +29,10 @@ from tqdm import tqdm
 
 import embtab
 from data import Batch, CTRDataset, DatasetSplits, make_dataloader
+from data.loader import BatchIndexSampler
 from embtab.collectives import gather_rows, rank_and_world
+from embtab.methods.offloaded import OffloadedMethod
+from embtab.offload import Prefetcher, RamStore, attach, state_width_of
 from embtab.shard import ShardingConstraints, format_plan, global_mean, load_training_state, training_state
 
 CHECKPOINT = "checkpoint.pt"
@@ -117,15 +121,45 @@ class Trainer:
             model, config.sparse(), self.device, process_group=process_group, constraints=constraints
         )
         self.plan = format_plan(self.model.plan)
+        self.stores = self._offload_stores(model)
+        self.offload = attach(self.model, self.stores) if self.stores else None
+        self._prefetcher: Prefetcher | None = None
         self.dense_optimizer = torch.optim.Adam(
             embtab.dense_parameters(self.model), lr=config.dense_lr, fused=True
         )
         self.state = RunState()
         self._resume()
 
+    # ------------------------------------------------------------------ offloaded tables
+    def _offload_stores(self, model: nn.Module) -> dict[str, RamStore]:
+        """A host-RAM store for every offloaded table: its rows live there, the fused table caches them."""
+        if self.world > 1 and any(isinstance(m, OffloadedMethod) for m in model.modules()):
+            raise ValueError("offloaded tables train on one process; drop --distributed or the offloaded method")
+        return {
+            m.table.name: RamStore.create(
+                m.table.cardinality,
+                m.table.dim,
+                state_width_of(self.config.sparse_optimizer, m.table.dim),
+                seed=self.config.seed,
+                name=m.table.name,
+            )
+            for m in model.modules()
+            if isinstance(m, OffloadedMethod)
+        }
+
+    def _batches(self, loader, train: bool):
+        """`loader`, or with offloaded tables a `Prefetcher` over it (each batch's rows cached
+        ahead; closing it writes the trained rows back)."""
+        if self.offload is None:
+            return contextlib.nullcontext(loader)
+        return Prefetcher(loader, self.offload, train=train)
+
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint(self) -> dict[str, Any]:
+        if self._prefetcher is not None:
+            self._prefetcher.flush()
         return {
+            "offload": {name: store.state_dict() for name, store in self.stores.items()},
             "training": training_state(self.model),
             "dense_optimizer": self.dense_optimizer.state_dict(),
             "run": asdict(self.state),
@@ -155,6 +189,10 @@ class Trainer:
     def _load(self, name: str) -> None:
         saved = torch.load(self.out_dir / name, weights_only=False)
         load_training_state(self.model, saved["training"])
+        if self.stores:
+            for name, store in self.stores.items():
+                store.load_state_dict(saved["offload"][name])
+            self.offload = attach(self.model, self.stores)  # empty caches: the stores hold every row
         self.dense_optimizer.load_state_dict(saved["dense_optimizer"])
         self.state = RunState(**saved["run"])
         rng = saved["rng"]
@@ -201,11 +239,21 @@ class Trainer:
             unit="batch",
             leave=False,
         )
+        with self._batches(loader, train=True) as batches:
+            self._prefetcher = batches if self.offload is not None else None
+            finished = self._train_batches(batches, loader.batch_sampler, progress)
+        self._prefetcher = None
+        progress.close()
+        return finished
+
+    def _train_batches(self, batches, sampler: BatchIndexSampler, progress: tqdm) -> bool:
+        """Train on `batches` until they run out (True) or `stop_after_steps` is reached (False)."""
+        state, config = self.state, self.config
         tick = time.perf_counter()
-        for batch in loader:
+        for batch in batches:
             batch = self._on_device(batch)
             fetched = time.perf_counter()
-            global_batch = loader.batch_sampler.global_batch_size(state.batch)
+            global_batch = sampler.global_batch_size(state.batch)
             self.dense_optimizer.zero_grad()
             self._loss(batch, global_batch).backward()
             self.dense_optimizer.step()
@@ -220,10 +268,8 @@ class Trainer:
             if config.checkpoint_every and state.step % config.checkpoint_every == 0:
                 self._save(CHECKPOINT)
             if self.stop_after_steps is not None and state.step >= self.stop_after_steps:
-                progress.close()
                 return False
             tick = time.perf_counter()
-        progress.close()
         return True
 
     def _end_epoch(self) -> None:
@@ -286,10 +332,12 @@ class Trainer:
         logits, labels = [], []
         start = time.perf_counter()
         batch_size = self._eval_batch_size(len(dataset))
-        for batch in make_dataloader(dataset, batch_size, shuffle=False, part=(self.rank, self.world)):
-            batch = self._on_device(batch)
-            logits.append(self.model(batch.sparse, batch.dense))
-            labels.append(batch.labels)
+        loader = make_dataloader(dataset, batch_size, shuffle=False, part=(self.rank, self.world))
+        with self._batches(loader, train=False) as batches:
+            for batch in batches:
+                batch = self._on_device(batch)
+                logits.append(self.model(batch.sparse, batch.dense))
+                labels.append(batch.labels)
         seconds = time.perf_counter() - start
         self.model.train()
         logits_all = gather_rows(torch.cat(logits), self.group)
