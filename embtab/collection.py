@@ -173,10 +173,8 @@ class EmbeddingTables(nn.Module):
         pieces = [p for p in self._pieces if p.table == name]
         buckets = {p.bucket for p in pieces}
         widths = {t.dim for t in method.physical_tables}
-        own = all(
-            sum(t.name == target.name for m in self.methods.values() for t in m.physical_tables) == 1  # type: ignore[union-attr]
-            for target in method.physical_tables
-        )
+        users = [t.name for m in self.methods.values() for t in m.physical_tables]  # type: ignore[union-attr]
+        own = all(users.count(target.name) == 1 for target in method.physical_tables)
         if signature is None or len(buckets) != 1 or len(widths) != 1 or not own:
             return None
         if buckets - {POOLED_BUCKET, PER_ID_BUCKET} or any(f.pooling != "sum" for f in table.features):
@@ -313,7 +311,10 @@ class EmbeddingTables(nn.Module):
         lengths = torch.cat([table_inputs[n][1] for n in names])
         if pieces[0].bucket == POOLED_BUCKET or bool((lengths == 1).all()):
             return combined[:stride].reshape(stride, -1)
-        return torch.cat([self._pool_group_member(n, combined[:, i], table_inputs[n], stride) for i, n in enumerate(names)], 1)
+        members = [
+            self._pool_group_member(n, combined[:, i], table_inputs[n], stride) for i, n in enumerate(names)
+        ]
+        return torch.cat(members, 1)
 
     def _pool_group_member(
         self,
@@ -325,7 +326,8 @@ class EmbeddingTables(nn.Module):
         _, lengths, sizes = inputs
         per_feature = tuple(combined[:n, f] for f, n in enumerate(sizes))
         features = list(range(len(sizes)))
-        return self._pool_per_id(self._logical[name], torch.cat(per_feature), per_feature, lengths, stride, features)
+        table = self._logical[name]
+        return self._pool_per_id(table, torch.cat(per_feature), per_feature, lengths, stride, features)
 
     def _canonical(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
         keys = kjt.keys()
@@ -496,7 +498,9 @@ class EmbeddingTables(nn.Module):
             pooled_blocks[name] = self._combine_pooled(table, method, pieces, lengths, stride, looked_up)
             return
         if pieces[0].bucket == PER_ID_BUCKET:
-            pooled_blocks[name] = self._combine_one_id_bags(table, method, pieces, lengths, sizes, stride, looked_up)
+            pooled_blocks[name] = self._combine_one_id_bags(
+                table, method, pieces, lengths, sizes, stride, looked_up
+            )
             return
         per_id = method.combine([_gather_per_id(looked_up[p.bucket], p.keys) for p in pieces])
         per_feature = torch.split(per_id, sizes)

@@ -134,7 +134,9 @@ class Trainer:
     def _offload_stores(self, model: nn.Module) -> dict[str, RamStore]:
         """A host-RAM store for every offloaded table: its rows live there, the fused table caches them."""
         if self.world > 1 and any(isinstance(m, OffloadedMethod) for m in model.modules()):
-            raise ValueError("offloaded tables train on one process; drop --distributed or the offloaded method")
+            raise ValueError(
+                "offloaded tables train on one process; drop --distributed or the offloaded method"
+            )
         return {
             m.table.name: RamStore.create(
                 m.table.cardinality,
