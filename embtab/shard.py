@@ -21,7 +21,8 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-from torchrec.distributed.model_parallel import DataParallelWrapper
+from torch.distributed.optim.apply_optimizer_in_backward import param_to_acc_grad_map, param_to_optim_hook_handle_map
+from torchrec.distributed.model_parallel import DataParallelWrapper, DefaultDataParallelWrapper
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
 from torchrec.distributed.types import ShardingEnv, ShardingPlan, ShardingType
@@ -62,6 +63,44 @@ class _NoDataParallel(DataParallelWrapper):
 
     def wrap(self, dmp: DistributedModelParallel, env: ShardingEnv, device: torch.device) -> None:
         dmp._dmp_wrapped_module.to(device)
+
+
+class _DataParallel(DefaultDataParallelWrapper):
+    """torchrec's DDP wrapper for the dense part, except dense parameters that carry an optimizer
+    of their own in the backward (OptEmbed's thresholds): DDP would step those on an accelerator
+    stream, which a CPU lacks, so DDP ignores them and their own hook averages the gradient over
+    the ranks before stepping."""
+
+    def wrap(self, dmp: DistributedModelParallel, env: ShardingEnv, device: torch.device) -> None:
+        module = dmp._dmp_wrapped_module
+        sharded = set(DistributedModelParallel._sharded_parameter_names(module))
+        own = {
+            name: p
+            for name, p in module.named_parameters()
+            if name not in sharded and hasattr(p, "_in_backward_optimizers")
+        }
+        self._additional_params_to_ignore.update(own)
+        super().wrap(dmp, env, device)
+        for parameter in own.values():
+            _average_then_step(parameter, env.process_group)
+
+
+def _average_then_step(parameter: nn.Parameter, group: dist.ProcessGroup) -> None:
+    """Replace the in-backward optimizer hook of `parameter` by one that first averages its
+    gradient over the ranks of `group`, so every rank takes the same step."""
+    for handle in param_to_optim_hook_handle_map.pop(parameter, []):
+        handle.remove()
+    world = dist.get_world_size(group)
+
+    def step(*_unused) -> None:
+        dist.all_reduce(parameter.grad, group=group)
+        parameter.grad.div_(world)
+        for optimizer in parameter._in_backward_optimizers:  # type: ignore[attr-defined]
+            optimizer.step()
+        parameter.grad = None
+
+    handle = param_to_acc_grad_map[parameter].register_hook(step)
+    param_to_optim_hook_handle_map[parameter] = [handle]
 
 
 def embedding_tables_of(model: nn.Module) -> list[EmbeddingTables]:
@@ -249,11 +288,13 @@ def fuse(
     device = torch.device(device)
     optimizer.check_device(device.type)
     optimizer_class, kwargs = _OPTIMIZER_CLASSES[optimizer.kind], _optimizer_kwargs(optimizer)
+    group = process_group or single_process_group()
     for tables in embedding_tables_of(model):
         tables.sparse_optimizer = optimizer
+        for method in tables.methods.values():
+            method.process_group = group
         for collection in tables.collections():
             apply_optimizer_in_backward(optimizer_class, collection.parameters(), kwargs)
-    group = process_group or single_process_group()
     plan = plan or plan_sharding(model, group, device, constraints)
     single = dist.get_world_size(group) == 1
     initial = _materialized_state(model)
@@ -263,7 +304,7 @@ def fuse(
         device=device,
         plan=plan,
         sharders=_sharders(),
-        data_parallel_wrapper=_NoDataParallel() if single else None,
+        data_parallel_wrapper=_NoDataParallel() if single else _DataParallel(),
     )
     copy_into_shards(dmp, initial)
     return dmp

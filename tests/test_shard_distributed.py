@@ -1,9 +1,9 @@
 """Two processes (gloo, CPU): every method under every sharding type torchrec offers on CPU trains
-exactly like one process on the same global batch (forward, gradients, weights after a step)."""
+exactly like one process on the same global batch (forward, gradients, every parameter and buffer
+after a step)."""
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
@@ -13,6 +13,7 @@ from torchrec import KeyedJaggedTensor
 
 import embtab
 from embtab.config import EmbeddingSpec, FeatureSpec
+from embtab.methods import DNIS, MDE, PEP, OptEmbed
 from embtab.methods.managed_collision import ManagedCollision
 from embtab.methods.multi_hash import MultiHash
 from embtab.methods.hashing_trick import HashingTrick
@@ -47,7 +48,15 @@ METHODS = {
     "qr_add": {"method": QREmbedding(collisions=6, operation="add")},
     "qr_mult": {"method": QREmbedding(collisions=6, operation="mult")},
     "managed_collision": {"method": ManagedCollision(rows=20)},
+    "optembed": {"method": OptEmbed(t_lr=1.0, alpha=1e-3)},  # thresholds that move measurably
+    "pep_dimension": {"method": PEP(granularity="dimension", init_threshold=-2.0)},
+    "pep_feature_dim": {"method": PEP(granularity="feature_dim", init_threshold=-2.0)},
+    "mde": {"method": MDE(base_dim=8, reference_rows=20)},
+    "dnis": {"method": DNIS()},
 }
+# OptEmbed samples a random width per id in training; these compare at the evaluation width (the
+# thresholds still train through the straight-through estimator and their own optimizer).
+EVAL_MODE = {"optembed"}
 
 
 def _spec(method: str) -> EmbeddingSpec:
@@ -82,8 +91,10 @@ def _constraints(model: Head, pooled: str, per_id: str) -> ShardingConstraints:
 
 
 def _reference_step(model: Head, kjt: KeyedJaggedTensor, target: torch.Tensor):
-    """One process, no fused kernels: plain torchrec modules and torch's SGD on the global batch."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    """One process, no fused kernels: plain torchrec modules and torch's SGD on the global batch;
+    parameters with an optimizer of their own (OptEmbed's thresholds) step with it in the backward."""
+    plain = [p for p in model.parameters() if not hasattr(p, "_in_backward_optimizers")]
+    optimizer = torch.optim.SGD(plain, lr=LR)
     logits = model(kjt)
     ((logits - target) ** 2).mean().backward()
     grad = model.linear.weight.grad.clone()
@@ -104,9 +115,11 @@ def _local_part(tensor: torch.Tensor, whole: torch.Tensor) -> list[tuple[torch.T
 
 
 def _check_case(rank: int, world: int, method: str, pooled: str, per_id: str) -> None:
-    torch.manual_seed(7)
-    model = Head(_spec(method))
-    reference = copy.deepcopy(model)
+    models = []
+    for _ in range(2):  # built twice alike, each with its own in-backward optimizers
+        torch.manual_seed(7)
+        models.append(Head(_spec(method)).train(method not in EVAL_MODE))
+    model, reference = models
     kjt = random_kjt(FEATURES, batch=BATCH, seed=3)
     target = torch.randn(BATCH, generator=torch.Generator().manual_seed(4))
     ref_logits, ref_grad, ref_state = _reference_step(reference, kjt, target)
@@ -129,7 +142,7 @@ def _check_case(rank: int, world: int, method: str, pooled: str, per_id: str) ->
     torch.testing.assert_close(grad, ref_grad, atol=1e-5, rtol=0, msg=f"gradient: {case}")
     state = dmp.state_dict()
     for key, whole in ref_state.items():
-        if key.endswith(".weight") and key in state:
+        if key in state:
             for ours, theirs in _local_part(state[key], whole):
                 torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0, msg=f"{key}: {case}")
 

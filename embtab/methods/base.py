@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from embtab.config import LogicalTable
@@ -46,6 +47,8 @@ class TableMethod(nn.Module):
             so pooled features may pool inside the fused kernel; False makes the collection look
             rows up per id, combine, then pool.
         max_id: ids must be below this (the full table); ``None`` accepts any non-negative id.
+        process_group: the ranks the tables were fused over (`embtab.fuse` sets it); None for
+            tables used on their own, whose methods then see only local ids.
     """
 
     pooling_commutes: bool = True
@@ -55,6 +58,7 @@ class TableMethod(nn.Module):
         self.table = table
         self.physical_tables: tuple[PhysicalTable, ...] = ()
         self.max_id: int | None = table.cardinality
+        self.process_group: dist.ProcessGroup | None = None
 
     @property
     def out_dim(self) -> int:

@@ -128,7 +128,8 @@ class ManagedCollisionMethod(TableMethod):
         values = ids.to(torch.int64)
         if self.training:
             # every rank admits and evicts on the ids of all ranks, so all keep one id -> row map
-            self.mch.profile(self._features(gather_rows(values)))
+            seen = values if self.process_group is None else gather_rows(values, self.process_group)
+            self.mch.profile(self._features(seen))
         rows = self.mch.remap(self._features(values))[self.table.name].values()
         evicted = self.mch.evict()  # always consumed, else torchrec accumulates it
         if evicted is not None and self.row_reset is not None:
