@@ -307,10 +307,12 @@ class EmbeddingTables(nn.Module):
         block = looked_up[pieces[0].bucket][(head, -1)]  # type: ignore[index]
         features, width = len(pieces[0].keys), self._method(head).physical_tables[0].dim
         stacked = block.reshape(block.shape[0], len(names), len(pieces), features, width)
-        combined = self._method(head).combine(list(stacked.unbind(2)))
+        # one probe: a reshape, whose backward is a view, not unbind's zero-filled copy
+        probes = [stacked.squeeze(2)] if len(pieces) == 1 else list(stacked.unbind(2))
+        combined = self._method(head).combine(probes)
         lengths = torch.cat([table_inputs[n][1] for n in names])
         if pieces[0].bucket == POOLED_BUCKET or bool((lengths == 1).all()):
-            return combined[:stride].reshape(stride, -1)
+            return _first_rows(combined, stride).reshape(stride, -1)
         members = [
             self._pool_group_member(n, combined[:, i], table_inputs[n], stride) for i, n in enumerate(names)
         ]
@@ -463,7 +465,8 @@ class EmbeddingTables(nn.Module):
             first = order.index(members[0])
             if order[first : first + len(members)] == members:
                 width = sum(sizes[first : first + len(members)])
-                blocks[(head, -1)] = values.narrow(1, sum(sizes[:first]), width)
+                whole = width == values.shape[1]  # a narrow's backward would copy into zeros
+                blocks[(head, -1)] = values if whole else values.narrow(1, sum(sizes[:first]), width)
             else:
                 blocks[(head, -1)] = torch.cat([blocks[m] for m in members], 1)
         return blocks
@@ -546,7 +549,7 @@ class EmbeddingTables(nn.Module):
         vectors = [blocks[(p.table, p.probe)] for p in pieces]
         combined = method.combine([v.reshape(v.shape[0], count, -1) for v in vectors])
         if bool((lengths == 1).all()):
-            return combined[:stride].reshape(stride, -1)
+            return _first_rows(combined, stride).reshape(stride, -1)
         per_feature = tuple(combined[:n, f] for f, n in enumerate(sizes))
         per_id = torch.cat(per_feature)
         return self._pool_per_id(table, per_id, per_feature, lengths, stride, list(range(count)))
@@ -599,6 +602,11 @@ def _one_id_bags(counts: list[int], device: torch.device) -> torch.Tensor:
     bags = max(max(counts), 1)
     per_key = torch.tensor(counts, device=device).unsqueeze(1)
     return (torch.arange(bags, device=device) < per_key).flatten().to(torch.int64)
+
+
+def _first_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """`tensor[:rows]`, without the slice (whose backward copies into zeros) when that is all of it."""
+    return tensor if tensor.shape[0] == rows else tensor[:rows]
 
 
 def _gather_per_id(per_feature: object, keys: tuple[str, ...]) -> torch.Tensor:
