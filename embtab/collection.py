@@ -167,14 +167,14 @@ class EmbeddingTables(nn.Module):
 
     def _group_key(self, name: str) -> tuple | None:
         """Tables with equal keys combine in one call on their stacked columns: bag lookups only,
-        the same combine, sum pooling, physical tables of their own and of one width."""
+        the same combine, sum pooling, physical tables of one width that no other table reads."""
         method, table = self._method(name), self._logical[name]
         signature = method.combine_signature()
         pieces = [p for p in self._pieces if p.table == name]
         buckets = {p.bucket for p in pieces}
         widths = {t.dim for t in method.physical_tables}
-        users = [t.name for m in self.methods.values() for t in m.physical_tables]  # type: ignore[union-attr]
-        own = all(users.count(target.name) == 1 for target in method.physical_tables)
+        others = {t.name for n, m in self.methods.items() if n != name for t in m.physical_tables}  # type: ignore[union-attr]
+        own = not others & {t.name for t in method.physical_tables}
         if signature is None or len(buckets) != 1 or len(widths) != 1 or not own:
             return None
         if buckets - {POOLED_BUCKET, PER_ID_BUCKET} or any(f.pooling != "sum" for f in table.features):

@@ -200,3 +200,32 @@ def test_registry_toml_round_trip_and_size_knob():
         tables = embtab.EmbeddingTables(embtab.EmbeddingSpec(features=FEATURES, dim=DIM, method=bigger))
         sizes.append(tables.memory_bytes().total)
     assert sizes == sorted(sizes) and len(set(sizes)) == 3
+
+
+@pytest.mark.parametrize("shared,combine", [(True, "sum"), (False, "sum"), (True, "concat")])
+def test_like_tables_combined_in_one_call_match_the_per_table_path(shared, combine):
+    """Three pooled multi-hash tables of two features each form one group: one combine on their
+    stacked probes; outputs and a fused SGD step equal the tables combined one by one."""
+    features = tuple(
+        embtab.FeatureSpec(name, CARD, table=None if len(name) == 1 else name[0])
+        for name in ("a", "a2", "b", "b2", "c", "c2")
+    )
+    method = MultiHash(rows=40, hashes=2, shared=shared, combine=combine, hot_ids=HOT)
+    spec = embtab.EmbeddingSpec(features=features, dim=DIM, method=method)
+    models = []
+    for grouped in (True, False):
+        torch.manual_seed(0)
+        tables = embtab.EmbeddingTables(spec)
+        if not grouped:
+            tables._group_of, tables._group_members = {}, {}
+        models.append(embtab.fuse(tables, embtab.SparseOptimizer("sgd", lr=0.5)))
+    assert set(models[0].module._group_of) == {"a", "b", "c"}
+    for step in range(2):
+        kjt = random_kjt(features, batch=5, seed=step, max_len=3)
+        outputs = [m(kjt).pooled for m in models]
+        torch.testing.assert_close(outputs[0].values(), outputs[1].values(), rtol=0, atol=1e-6)
+        assert outputs[0].keys() == outputs[1].keys() == [f.name for f in features]
+        for out in outputs:
+            out.values().square().sum().backward()
+    for name, weight in physical_weights(models[1]).items():
+        torch.testing.assert_close(physical_weights(models[0])[name], weight, rtol=0, atol=1e-6)

@@ -148,3 +148,6 @@ class MultiHashMethod(TableMethod):
         for v in probes[1:]:
             total = total + v
         return total
+
+    def combine_signature(self) -> tuple | None:
+        return None if self.importance else ("multi_hash", self.hashes, self.concat)
