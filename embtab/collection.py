@@ -25,6 +25,7 @@ from torchrec import (
 )
 
 from embtab.config import EmbeddingSpec, FeatureSpec, LogicalTable, SparseOptimizer
+from embtab.hashing import hash_to_ranges
 from embtab.methods.base import PhysicalTable, TableMethod
 
 POOLED_BUCKET = "pooled"
@@ -424,7 +425,7 @@ class EmbeddingTables(nn.Module):
     ) -> dict[str, KeyedJaggedTensor]:
         values: dict[str, list[torch.Tensor]] = {b: [] for b in self._bucket_keys}
         lengths: dict[str, list[torch.Tensor]] = {b: [] for b in self._bucket_keys}
-        remapped = {name: self._method(name).remap(ids) for name, (ids, _, _) in table_inputs.items()}
+        remapped = self._remap(table_inputs)
         per_id_counts: list[int] = []
         for piece in self._pieces:
             values[piece.bucket].append(remapped[piece.table][piece.probe])
@@ -441,6 +442,29 @@ class EmbeddingTables(nn.Module):
             )
             for bucket, keys in self._bucket_keys.items()
         }
+
+    def _remap(
+        self, table_inputs: dict[str, tuple[torch.Tensor, torch.Tensor, list[int]]]
+    ) -> dict[str, torch.Tensor]:
+        """Every table's physical rows; the hashes of all hashing tables in one vectorized call."""
+        requests = {name: self._method(name).hashes() for name in table_inputs}
+        hashing = [name for name, r in requests.items() if r]
+        remapped = {
+            name: self._method(name).remap(ids)
+            for name, (ids, _, _) in table_inputs.items()
+            if not requests[name]
+        }
+        if not hashing:
+            return remapped
+        ids = {name: table_inputs[name][0].to(torch.int64) for name in hashing}
+        segments = [(ids[name], request) for name in hashing for request in requests[name]]
+        counts = [s.numel() for s, _ in segments]
+        hashed = hash_to_ranges(torch.cat([s for s, _ in segments]), counts, [r for _, r in segments])
+        pieces = iter(hashed.split(counts))
+        for name in hashing:
+            hashes = [next(pieces) for _ in requests[name]]
+            remapped[name] = self._method(name).remap_hashed(ids[name], hashes)
+        return {name: remapped[name] for name in table_inputs}
 
     def _lookup(self, inputs: dict[str, KeyedJaggedTensor]) -> dict[str, object]:
         out: dict[str, object] = {}

@@ -33,7 +33,7 @@ import operator
 
 import torch
 
-__all__ = ["hash64", "hash_to_range", "salt_of"]
+__all__ = ["hash64", "hash_to_range", "hash_to_ranges", "salt_of"]
 
 _MASK64 = (1 << 64) - 1
 _GOLDEN_GAMMA = 0x9E3779B97F4A7C15
@@ -188,6 +188,35 @@ def hash_to_range(ids: torch.Tensor, num_buckets: int, salt: int = 0) -> torch.T
     """
     _check_ids(ids)
     return _hash(ids, salt, _check_buckets(num_buckets))
+
+
+def hash_to_ranges(ids: torch.Tensor, counts: list[int], requests: list[tuple[int, int]]) -> torch.Tensor:
+    """`hash_to_range` of consecutive segments of the int64 `ids` in one vectorized pass: segment
+    ``i`` holds ``counts[i]`` ids and hashes with ``requests[i] = (num_buckets, salt)``.
+
+    Bit for bit ``torch.cat([hash_to_range(seg, m, s) for seg, (m, s) in ...])``, without a dozen
+    small kernels per segment: the collection hashes every table's ids with it at once.
+    """
+    if ids.dtype != torch.int64:
+        raise TypeError(f"ids must be int64, got {ids.dtype}")
+    if len(counts) != len(requests) or sum(counts) != ids.numel():
+        raise ValueError(
+            f"{len(counts)} segments of {sum(counts)} ids for {len(requests)} requests and "
+            f"{ids.numel()} ids; expected one segment per request covering every id"
+        )
+    keys = [_salt_keys(salt) for _, salt in requests]
+    per_segment = torch.tensor(
+        [[k1, k2, _check_buckets(m)] for (k1, k2), (m, _) in zip(keys, requests)], dtype=torch.int64
+    ).to(ids.device)
+    k1, k2, buckets = per_segment.repeat_interleave(torch.tensor(counts, device=ids.device), dim=0).unbind(1)
+    x = torch.bitwise_xor(ids.reshape(-1), k1)
+    scratch = torch.empty_like(x)
+    _mix64_(x, scratch)
+    x += k2
+    _mix64_(x, scratch)
+    x >>= 1
+    x &= _LOW[1]
+    return x.remainder_(buckets)
 
 
 def salt_of(*parts: int | str) -> int:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from embtab.hashing import hash64, hash_to_range, salt_of
+from embtab.hashing import hash64, hash_to_range, hash_to_ranges, salt_of
 
 M64 = (1 << 64) - 1
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -415,3 +415,24 @@ def test_cuda_matches_cpu() -> None:
         assert torch.equal(
             hash_to_range(ids.cuda(), 10**9 + 7, salt).cpu(), hash_to_range(ids, 10**9 + 7, salt)
         )
+
+
+def test_hash_to_ranges_equals_hash_to_range_per_segment():
+    """One pass over segments with their own buckets and salts gives each segment's own hash,
+    bit for bit: powers of two and not, huge and negative ids, an empty segment."""
+    generator = torch.Generator().manual_seed(5)
+    segments = [
+        (torch.randint(-(2**62), 2**62, (300,), generator=generator), 1000, 7),
+        (torch.arange(0, dtype=torch.int64), 16, 3),
+        (torch.randint(0, 50, (129,), generator=generator), 1024, -12345678901234),
+        (torch.tensor([0, -1, 2**63 - 1, -(2**63)]), 2**40 + 3, salt_of("item", 1)),
+    ]
+    expected = torch.cat([hash_to_range(ids, m, salt) for ids, m, salt in segments])
+    ids = torch.cat([ids for ids, _, _ in segments])
+    counts = [s[0].numel() for s in segments]
+    got = hash_to_ranges(ids, counts, [(m, salt) for _, m, salt in segments])
+    assert torch.equal(got, expected)
+    with pytest.raises(ValueError, match="segments"):
+        hash_to_ranges(ids, counts[:-1], [(m, salt) for _, m, salt in segments])
+    with pytest.raises(TypeError, match="int64"):
+        hash_to_ranges(ids.int(), counts, [(m, salt) for _, m, salt in segments])

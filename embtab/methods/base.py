@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from embtab.config import LogicalTable
+from embtab.hashing import hash_to_range
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,22 @@ class TableMethod(nn.Module):
         return self.table.dim
 
     def remap(self, ids: torch.Tensor) -> torch.Tensor:
-        """Map logical ids ``[n]`` to physical rows ``[P, n]``, one row of ids per physical table."""
+        """Map logical ids ``[n]`` to physical rows ``[P, n]``, one row of ids per physical table
+        (for a method that declares `hashes`: `remap_hashed` of those hashes)."""
+        requests = self.hashes()
+        if not requests:
+            raise NotImplementedError
+        ids = ids.to(torch.int64)
+        return self.remap_hashed(ids, [hash_to_range(ids, m, salt) for m, salt in requests])
+
+    def hashes(self) -> list[tuple[int, int]]:
+        """``(num_buckets, salt)`` of every hash of the ids that `remap` needs (none by default).
+        A method that declares them implements `remap_hashed`; the collection then hashes every
+        table's ids in one vectorized call (`embtab.hashing.hash_to_ranges`)."""
+        return []
+
+    def remap_hashed(self, ids: torch.Tensor, hashed: list[torch.Tensor]) -> torch.Tensor:
+        """`remap` given ``hash_to_range(ids, *h)`` for each ``h`` of `hashes`."""
         raise NotImplementedError
 
     def combine(self, vectors: list[torch.Tensor]) -> torch.Tensor:

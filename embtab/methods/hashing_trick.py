@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 
 from embtab.config import LogicalTable, MethodSpec
-from embtab.hashing import hash_to_range, salt_of
+from embtab.hashing import salt_of
 from embtab.methods.base import PhysicalTable, TableMethod
 from embtab.methods.frequency import HotIds, check_hot_ids, check_int
 
@@ -57,9 +57,11 @@ class HashingTrickMethod(TableMethod):
         self.physical_tables = (PhysicalTable(table.name, spec.rows + self.hot.count, table.dim),)
         self.max_id = None
 
-    def remap(self, ids: torch.Tensor) -> torch.Tensor:
-        ids = ids.to(torch.int64)
-        return self.hot.route(ids, hash_to_range(ids, self.rows, self.salt).unsqueeze(0))
+    def hashes(self) -> list[tuple[int, int]]:
+        return [(self.rows, self.salt)]
+
+    def remap_hashed(self, ids: torch.Tensor, hashed: list[torch.Tensor]) -> torch.Tensor:
+        return self.hot.route(ids, hashed[0].unsqueeze(0))
 
     def combine(self, vectors: list[torch.Tensor]) -> torch.Tensor:
         return vectors[0]

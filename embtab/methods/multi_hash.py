@@ -31,7 +31,7 @@ from typing import ClassVar
 import torch
 
 from embtab.config import LogicalTable, MethodSpec
-from embtab.hashing import hash_to_range, salt_of
+from embtab.hashing import salt_of
 from embtab.methods.base import PhysicalTable, TableMethod
 from embtab.methods.frequency import HotIds, check_hot_ids, check_int
 
@@ -113,7 +113,7 @@ class MultiHashMethod(TableMethod):
     def __init__(self, table: LogicalTable, spec: MultiHash) -> None:
         super().__init__(table)
         self.max_id = None
-        self.hashes = spec.hashes
+        self.probes = spec.hashes
         self.concat = spec.combine == "concat"
         self.importance = spec.importance
         self.pooling_commutes = not spec.importance
@@ -130,17 +130,16 @@ class MultiHashMethod(TableMethod):
         self.physical_tables = tuple(tables)
         self.hot = HotIds(spec.hot_ids, bases)
 
-    def remap(self, ids: torch.Tensor) -> torch.Tensor:
-        ids = ids.to(torch.int64)
-        hashed = torch.stack(
-            [hash_to_range(ids, m, s) for m, s in zip(self.range_sizes, self.salts)]
-        )
-        return self.hot.route(ids, hashed)
+    def hashes(self) -> list[tuple[int, int]]:
+        return list(zip(self.range_sizes, self.salts))
+
+    def remap_hashed(self, ids: torch.Tensor, hashed: list[torch.Tensor]) -> torch.Tensor:
+        return self.hot.route(ids, torch.stack(hashed))
 
     def combine(self, vectors: list[torch.Tensor]) -> torch.Tensor:
-        probes = vectors[: self.hashes]
+        probes = vectors[: self.probes]
         if self.importance:
-            weights = 1.0 + vectors[self.hashes][..., : self.hashes]
+            weights = 1.0 + vectors[self.probes][..., : self.probes]
             probes = [v * weights[..., j : j + 1] for j, v in enumerate(probes)]
         if self.concat:
             return torch.cat(probes, dim=-1)
@@ -150,4 +149,4 @@ class MultiHashMethod(TableMethod):
         return total
 
     def combine_signature(self) -> tuple | None:
-        return None if self.importance else ("multi_hash", self.hashes, self.concat)
+        return None if self.importance else ("multi_hash", self.probes, self.concat)

@@ -23,7 +23,7 @@ from typing import ClassVar, Literal, Mapping, Sequence
 import torch
 
 from embtab.config import EmbeddingSpec, LogicalTable, MethodSpec
-from embtab.hashing import hash_to_range, salt_of
+from embtab.hashing import salt_of
 from embtab.methods.base import PhysicalTable, TableMethod
 
 
@@ -105,8 +105,11 @@ class MultiplexedMethod(TableMethod):
     def out_dim(self) -> int:
         return self.chunks * self.chunk_dim
 
-    def remap(self, ids: torch.Tensor) -> torch.Tensor:
-        return torch.stack([hash_to_range(ids, self.rows, salt) for salt in self.salts])
+    def hashes(self) -> list[tuple[int, int]]:
+        return [(self.rows, salt) for salt in self.salts]
+
+    def remap_hashed(self, ids: torch.Tensor, hashed: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(hashed)
 
     def combine(self, vectors: list[torch.Tensor]) -> torch.Tensor:
         return vectors[0] if len(vectors) == 1 else torch.cat(vectors, dim=-1)
