@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 import torch
 from torchrec import KeyedJaggedTensor
 
-from embtab.config import FeatureSpec
+from embtab.config import EmbeddingSpec, FeatureSpec
 
 
 def random_kjt(
@@ -101,3 +101,29 @@ def slice_batch(kjt: KeyedJaggedTensor, start: int, stop: int) -> KeyedJaggedTen
     return KeyedJaggedTensor.from_lengths_sync(
         keys=kjt.keys(), values=torch.cat(values), lengths=lengths[:, start:stop].flatten()
     )
+
+
+def assert_groups_match_per_table(spec: EmbeddingSpec, grouped: set[str], max_len: int, steps: int = 2) -> None:
+    """Train `spec`'s tables twice from one initialization, like tables combined in groups and
+    one by one: the grouped tables must be `grouped`, and the pooled outputs and the weights after
+    fused SGD steps must agree to 1e-6."""
+    import embtab
+    from embtab.shard import physical_weights
+
+    models = []
+    for combine_groups in (True, False):
+        torch.manual_seed(0)
+        tables = embtab.EmbeddingTables(spec)
+        if not combine_groups:
+            tables._group_of, tables._group_members = {}, {}
+        models.append(embtab.fuse(tables, embtab.SparseOptimizer("sgd", lr=0.5)))
+    assert set(models[0].module._group_of) == grouped
+    for step in range(steps):
+        kjt = random_kjt(spec.features, batch=5, seed=step, max_len=max_len)
+        outputs = [m(kjt).pooled for m in models]
+        torch.testing.assert_close(outputs[0].values(), outputs[1].values(), rtol=0, atol=1e-6)
+        assert outputs[0].keys() == outputs[1].keys() == [f.name for f in spec.features]
+        for out in outputs:
+            out.values().square().sum().backward()
+    for name, weight in physical_weights(models[1]).items():
+        torch.testing.assert_close(physical_weights(models[0])[name], weight, rtol=0, atol=1e-6)

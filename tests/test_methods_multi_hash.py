@@ -12,7 +12,7 @@ from torchrec import KeyedJaggedTensor
 
 import embtab
 from embtab.shard import physical_weights
-from embtab.testing import random_kjt, reference_pooled, rss_bytes
+from embtab.testing import assert_groups_match_per_table, random_kjt, reference_pooled, rss_bytes
 from embtab.config import LogicalTable
 from embtab.hashing import hash_to_range, salt_of
 from embtab.methods import METHODS, method_from_dict
@@ -212,20 +212,4 @@ def test_like_tables_combined_in_one_call_match_the_per_table_path(shared, combi
     )
     method = MultiHash(rows=40, hashes=2, shared=shared, combine=combine, hot_ids=HOT)
     spec = embtab.EmbeddingSpec(features=features, dim=DIM, method=method)
-    models = []
-    for grouped in (True, False):
-        torch.manual_seed(0)
-        tables = embtab.EmbeddingTables(spec)
-        if not grouped:
-            tables._group_of, tables._group_members = {}, {}
-        models.append(embtab.fuse(tables, embtab.SparseOptimizer("sgd", lr=0.5)))
-    assert set(models[0].module._group_of) == {"a", "b", "c"}
-    for step in range(2):
-        kjt = random_kjt(features, batch=5, seed=step, max_len=3)
-        outputs = [m(kjt).pooled for m in models]
-        torch.testing.assert_close(outputs[0].values(), outputs[1].values(), rtol=0, atol=1e-6)
-        assert outputs[0].keys() == outputs[1].keys() == [f.name for f in features]
-        for out in outputs:
-            out.values().square().sum().backward()
-    for name, weight in physical_weights(models[1]).items():
-        torch.testing.assert_close(physical_weights(models[0])[name], weight, rtol=0, atol=1e-6)
+    assert_groups_match_per_table(spec, {"a", "b", "c"}, max_len=3)

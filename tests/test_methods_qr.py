@@ -13,7 +13,7 @@ from torchrec import KeyedJaggedTensor
 
 import embtab
 from embtab.shard import physical_weights
-from embtab.testing import random_kjt, reference_pooled
+from embtab.testing import assert_groups_match_per_table, random_kjt, reference_pooled
 from embtab.config import LogicalTable
 from embtab.methods import METHODS, method_from_dict
 from embtab.methods.qr import QREmbedding, ceil_root, init_bound, partition_sizes
@@ -178,20 +178,4 @@ def test_like_tables_combined_in_one_call_match_the_per_table_path(operation, ma
     combined rows are the bags), and for empty and multi-id bags (pooled after the combine)."""
     features = tuple(embtab.FeatureSpec(f"g{i}", CARD, required=one_id_each) for i in range(3))
     spec = embtab.EmbeddingSpec(features=features, dim=DIM, method=QREmbedding(10, operation=operation))
-    models = []
-    for grouped in (True, False):
-        torch.manual_seed(0)
-        tables = embtab.EmbeddingTables(spec)
-        if not grouped:
-            tables._group_of, tables._group_members = {}, {}
-        models.append(embtab.fuse(tables, embtab.SparseOptimizer("sgd", lr=0.5)))
-    assert set(models[0].module._group_of) == {"g0", "g1", "g2"}
-    for step in range(2):
-        kjt = random_kjt(features, batch=5, seed=step, max_len=max_len)
-        outputs = [m(kjt).pooled for m in models]
-        torch.testing.assert_close(outputs[0].values(), outputs[1].values(), rtol=0, atol=1e-6)
-        assert outputs[0].keys() == outputs[1].keys() == ["g0", "g1", "g2"]
-        for out in outputs:
-            out.values().square().sum().backward()
-    for name, weight in physical_weights(models[1]).items():
-        torch.testing.assert_close(physical_weights(models[0])[name], weight, rtol=0, atol=1e-6)
+    assert_groups_match_per_table(spec, {"g0", "g1", "g2"}, max_len=max_len)
