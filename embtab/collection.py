@@ -174,7 +174,7 @@ class EmbeddingTables(nn.Module):
         pieces = [p for p in self._pieces if p.table == name]
         buckets = {p.bucket for p in pieces}
         widths = {t.dim for t in method.physical_tables}
-        others = {t.name for n, m in self.methods.items() if n != name for t in m.physical_tables}  # type: ignore[union-attr]
+        others = {t.name for n in self._logical if n != name for t in self._method(n).physical_tables}
         own = not others & {t.name for t in method.physical_tables}
         if signature is None or len(buckets) != 1 or len(widths) != 1 or not own:
             return None
@@ -459,12 +459,12 @@ class EmbeddingTables(nn.Module):
         ids = {name: table_inputs[name][0].to(torch.int64) for name in hashing}
         segments = [(ids[name], request) for name in hashing for request in requests[name]]
         counts = [s.numel() for s, _ in segments]
-        hashed = hash_to_ranges(torch.cat([s for s, _ in segments]), counts, [r for _, r in segments])
-        pieces = iter(hashed.split(counts))
+        flat = torch.cat([s for s, _ in segments])
+        hashed = iter(hash_to_ranges(flat, counts, [r for _, r in segments]).split(counts))
         for name in hashing:
-            hashes = [next(pieces) for _ in requests[name]]
+            hashes = [next(hashed) for _ in requests[name]]
             remapped[name] = self._method(name).remap_hashed(ids[name], hashes)
-        return {name: remapped[name] for name in table_inputs}
+        return remapped
 
     def _lookup(self, inputs: dict[str, KeyedJaggedTensor]) -> dict[str, object]:
         out: dict[str, object] = {}

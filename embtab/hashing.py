@@ -208,7 +208,8 @@ def hash_to_ranges(ids: torch.Tensor, counts: list[int], requests: list[tuple[in
     per_segment = torch.tensor(
         [[k1, k2, _check_buckets(m)] for (k1, k2), (m, _) in zip(keys, requests)], dtype=torch.int64
     ).to(ids.device)
-    k1, k2, buckets = per_segment.repeat_interleave(torch.tensor(counts, device=ids.device), dim=0).unbind(1)
+    repeats = torch.tensor(counts, device=ids.device)
+    k1, k2, buckets = per_segment.repeat_interleave(repeats, dim=0).unbind(1)
     x = torch.bitwise_xor(ids.reshape(-1), k1)
     scratch = torch.empty_like(x)
     _mix64_(x, scratch)

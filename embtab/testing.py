@@ -103,7 +103,9 @@ def slice_batch(kjt: KeyedJaggedTensor, start: int, stop: int) -> KeyedJaggedTen
     )
 
 
-def assert_groups_match_per_table(spec: EmbeddingSpec, grouped: set[str], max_len: int, steps: int = 2) -> None:
+def assert_groups_match_per_table(
+    spec: EmbeddingSpec, grouped: set[str], max_len: int, steps: int = 2
+) -> None:
     """Train `spec`'s tables twice from one initialization, like tables combined in groups and
     one by one: the grouped tables must be `grouped`, and the pooled outputs and the weights after
     fused SGD steps must agree to 1e-6."""
