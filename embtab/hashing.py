@@ -99,6 +99,19 @@ def _mix64_(x: torch.Tensor, scratch: torch.Tensor) -> None:
     _xorshift_right_(x, scratch, 31)
 
 
+def _rounds_(x: torch.Tensor, k2: int | torch.Tensor, scratch: torch.Tensor) -> None:
+    """In place, on ``x = id ^ k1``: ``x = mix64(mix64(x) + k2)``, the full 64-bit hash."""
+    _mix64_(x, scratch)
+    x += k2
+    _mix64_(x, scratch)
+
+
+def _top63_(x: torch.Tensor) -> None:
+    """In place logical right shift by 1: the top 63 bits of the hash, a non-negative int64."""
+    x >>= 1
+    x &= _LOW[1]
+
+
 def _salt_keys(salt: int) -> tuple[int, int]:
     """The two 64-bit keys (as int64 Python ints) derived from `salt`: SplitMix64 outputs 1 and 2."""
     if isinstance(salt, bool):
@@ -154,12 +167,9 @@ def _hash(ids: torch.Tensor, salt: int, num_buckets: int | None) -> torch.Tensor
         x = out[start : start + chunk]
         t = scratch[: x.numel()]
         torch.bitwise_xor(src[start : start + chunk], k1, out=x)
-        _mix64_(x, t)
-        x += k2
-        _mix64_(x, t)
+        _rounds_(x, k2, t)
         if num_buckets is not None:
-            x >>= 1
-            x &= _LOW[1]  # top 63 bits: a non-negative int64
+            _top63_(x)
             if num_buckets & (num_buckets - 1) == 0:  # power of two: a mask is exact and cheaper
                 x &= num_buckets - 1
             else:
@@ -211,12 +221,8 @@ def hash_to_ranges(ids: torch.Tensor, counts: list[int], requests: list[tuple[in
     repeats = torch.tensor(counts, device=ids.device)
     k1, k2, buckets = per_segment.repeat_interleave(repeats, dim=0).unbind(1)
     x = torch.bitwise_xor(ids.reshape(-1), k1)
-    scratch = torch.empty_like(x)
-    _mix64_(x, scratch)
-    x += k2
-    _mix64_(x, scratch)
-    x >>= 1
-    x &= _LOW[1]
+    _rounds_(x, k2, torch.empty_like(x))
+    _top63_(x)
     return x.remainder_(buckets)
 
 
