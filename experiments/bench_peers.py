@@ -35,14 +35,14 @@ from typing import Any, Callable
 import torch
 from torch import nn
 from torchmetrics.functional.classification import binary_auroc
+from torchrec import JaggedTensor
 
 import embtab
 from data import CTRDataset, load_dataset
 from data.batch import Batch
 from data.loader import make_dataloader
 from experiments.common import parser, write_json
-from experiments.ctr import embedding_spec, load_config, train_config
-from models import build_model
+from experiments.ctr import load_config, model_from_config, train_config
 
 CONFIG = "experiments/configs/din_movielens.toml"
 USER_FEATURES = ("user_id", "gender", "age", "occupation")
@@ -104,10 +104,8 @@ def fuxictr_inputs(batch: Batch, history_len: int) -> tuple[dict, dict, torch.Te
     batch_dict["label"] = batch.labels
     item_dict = {}
     for item, history in zip(ITEM_FEATURES, HISTORY_FEATURES):
-        jagged = per_key[history]
-        padded = torch.ops.fbgemm.jagged_to_padded_dense(
-            (jagged.values() + 1).unsqueeze(1).float(), [jagged.offsets()], [history_len], 0.0
-        ).squeeze(-1).long()
+        shifted = JaggedTensor(values=per_key[history].values() + 1, lengths=per_key[history].lengths())
+        padded = shifted.to_padded_dense(history_len, padding_value=0)
         item_dict[item] = torch.cat([padded, (per_key[item].values() + 1).unsqueeze(1)], dim=1)
     lengths = per_key[HISTORY_FEATURES[0]].lengths()
     mask = torch.arange(history_len) < lengths.unsqueeze(1)
@@ -116,9 +114,7 @@ def fuxictr_inputs(batch: Batch, history_len: int) -> tuple[dict, dict, torch.Te
 
 def embtab_side(splits, config: dict[str, Any]) -> tuple[nn.Module, Step, Callable[[Any], torch.Tensor]]:
     train = train_config(config["train"])
-    tables = embtab.EmbeddingTables(embedding_spec(config["embedding"], splits, train.sparse()))
-    settings = dict(config["model"])
-    model = build_model(settings.pop("name"), tables, dense_dim=splits.dense_dim, **settings)
+    model, _ = model_from_config(config, splits, train)
     fused = embtab.fuse(model, train.sparse())
     optimizer = torch.optim.Adam(embtab.dense_parameters(fused), lr=train.dense_lr, fused=True)
 
@@ -176,14 +172,14 @@ def run(args: Any) -> dict[str, Any]:
                 lambda b: fuxictr_inputs(b, history_len),
             ),
         }
-        test = batches_of(splits.test, 4096, args.seed, 0, shuffle=False)
+        test_batches = batches_of(splits.test, 4096, args.seed, 0, shuffle=False)
+        test = {name: [(convert(b), b.labels) for b in test_batches] for name, (_, convert) in sides.items()}
         per_side = {name: {"samples_per_s": [], "test_auc": []} for name in sides}
         for epoch in range(args.epochs):
             train = batches_of(splits.train, args.batch_size, args.seed, epoch, shuffle=True)
             for name, ((model, step, predict), convert) in sides.items():
-                inputs = [(convert(b), b.labels) for b in train]
-                seconds = train_epoch(model, step, inputs)
-                auc = auc_on(model, predict, [(convert(b), b.labels) for b in test])
+                seconds = train_epoch(model, step, [(convert(b), b.labels) for b in train])
+                auc = auc_on(model, predict, test[name])
                 rate = len(splits.train) / seconds
                 per_side[name]["samples_per_s"].append(rate)
                 per_side[name]["test_auc"].append(auc)

@@ -148,6 +148,17 @@ def sharding_constraints(table: dict[str, Any]) -> ShardingConstraints:
     return ShardingConstraints(**settings)
 
 
+def model_from_config(
+    config: dict[str, Any], splits: DatasetSplits, train: TrainConfig
+) -> tuple[torch.nn.Module, embtab.EmbeddingTables]:
+    """The [model] of `config` over the tables of its [embedding] (sized to a budget if one is set)."""
+    tables = embtab.EmbeddingTables(embedding_spec(config["embedding"], splits, train.sparse()))
+    settings = dict(config["model"])
+    if settings.get("mba_lambda", 0) > 0 and "id_counts" not in settings:
+        settings["id_counts"] = splits.id_counts()
+    return build_model(settings.pop("name"), tables, dense_dim=splits.dense_dim, **settings), tables
+
+
 def run(
     config: dict[str, Any],
     out_dir: str | Path,
@@ -165,12 +176,8 @@ def run(
     splits = load_dataset(data_settings.pop("name"), **data_settings)
     if validation_in_train:
         splits = splits.with_validation_in_train()
-    spec = embedding_spec(config["embedding"], splits, train.sparse())
-    tables = embtab.EmbeddingTables(spec)
-    model_settings = dict(config["model"])
-    if model_settings.get("mba_lambda", 0) > 0 and "id_counts" not in model_settings:
-        model_settings["id_counts"] = splits.id_counts()
-    model = build_model(model_settings.pop("name"), tables, dense_dim=splits.dense_dim, **model_settings)
+    model, tables = model_from_config(config, splits, train)
+    spec = tables.spec
     memory = tables.memory_bytes(train.sparse())
     dense_parameters = sum(p.numel() for p in model.parameters()) - sum(
         p.numel() for p in tables.parameters()
