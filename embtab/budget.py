@@ -28,6 +28,7 @@ import torch
 
 from embtab.collection import EmbeddingTables, MemoryReport
 from embtab.config import EmbeddingSpec, MethodSpec, SparseOptimizer
+from embtab.methods.base import LearnedSizeSpec, SizedSpec
 from embtab.methods.full import FullTable
 
 _MAX_KNOB = 2**62
@@ -112,10 +113,9 @@ def with_size(spec: EmbeddingSpec, method: MethodSpec, value: int) -> EmbeddingS
 
 
 def _size_field(method: MethodSpec) -> str:
-    field = getattr(type(method), "size_field", None)
-    if not field:
+    if not isinstance(method, SizedSpec):
         raise ValueError(f"method {method.name!r} has no size knob (size_field); its bytes are fixed")
-    return field
+    return type(method).size_field
 
 
 class _Bytes:
@@ -208,12 +208,12 @@ def budget_range(
     For a decreasing knob (QR's collisions) the minimum is where bytes stop decreasing.
     """
     method = method or spec.method
-    if not getattr(type(method), "size_field", None):
+    if not isinstance(method, SizedSpec):
         fixed = spec_bytes(_with_method(spec, method), optimizer, include_optimizer)
         return fixed, fixed
     f = _Bytes(spec, method, optimizer, include_optimizer)
     low = _smallest_valid(f, _size_field(method))
-    if getattr(type(method), "size_increasing", True):
+    if type(method).size_increasing:
         return f(low), _increasing_max(f, low)  # type: ignore[return-value]
     _, minimum = _decreasing_min(f, low)
     return minimum, f(low)
@@ -343,9 +343,9 @@ def solve_budget(
         solved_method = solved.method
         return BudgetFit(solved, solved_method, used, budget_bytes, full, report)
 
-    if getattr(type(method), "budget_field", None):
+    if isinstance(method, LearnedSizeSpec):
         return _learned_size(spec, budget_bytes, optimizer, method, include_optimizer, counted, full)
-    if not getattr(type(method), "size_field", None):
+    if not isinstance(method, SizedSpec):
         fixed = _with_method(spec, method)
         result = fit(fixed)
         if result.bytes > budget_bytes:
@@ -358,7 +358,7 @@ def solve_budget(
     field = _size_field(method)
     f = _Bytes(spec, method, optimizer, include_optimizer)
     low = _smallest_valid(f, field)
-    increasing = getattr(type(method), "size_increasing", True)
+    increasing = type(method).size_increasing
     if increasing:
         minimum = f(low)
         assert minimum is not None
@@ -383,7 +383,7 @@ def _learned_size(
     spec: EmbeddingSpec,
     budget: int,
     optimizer: SparseOptimizer,
-    method: MethodSpec,
+    method: LearnedSizeSpec,
     include_optimizer: bool,
     counted: str,
     full: int,
@@ -392,11 +392,10 @@ def _learned_size(
     their export target: `embtab.search` prunes to it after training. `bytes` is that target;
     `report` is the training allocation. The budget must cover the smallest export
     (``method.floor_method()``: no row kept, the narrowest width)."""
-    floor = spec_bytes(_with_method(spec, method.floor_method()), optimizer, include_optimizer)  # type: ignore[attr-defined]
+    floor = spec_bytes(_with_method(spec, method.floor_method()), optimizer, include_optimizer)
     if budget < floor:
         raise _below_minimum(method, budget, floor, "no row kept", counted)
-    target = {type(method).budget_field: budget, "budget_optimizer": optimizer.kind if include_optimizer else ""}  # type: ignore[attr-defined]
-    solved = _with_method(spec, replace(method, **target))
+    solved = _with_method(spec, method.with_budget(budget, optimizer.kind if include_optimizer else ""))
     return BudgetFit(solved, solved.method, budget, budget, full, memory_report(solved, optimizer))
 
 

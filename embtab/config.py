@@ -20,6 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Literal, Mapping
 
+from embtab.registry import method_class, method_from_dict
+
+DEFAULT_METHOD = "full"  # the registry key of the method of tables no spec names a method for
+
 Pooling = Literal["sum", "mean", "none"]
 POOLINGS: tuple[str, ...] = ("sum", "mean", "none")
 
@@ -105,7 +109,8 @@ class EmbeddingSpec:
     Args:
         features: the logical features, in any order.
         dim: embedding width every logical table produces.
-        method: method of every table not named in `table_methods` (default: the full table).
+        method: method of every table not named in `table_methods` (default: the full table,
+            registry key `DEFAULT_METHOD`).
         table_methods: per-table overrides as ``((table_name, spec), ...)``.
     """
 
@@ -115,12 +120,10 @@ class EmbeddingSpec:
     table_methods: tuple[tuple[str, MethodSpec], ...] = ()
 
     def __post_init__(self) -> None:
-        from embtab.methods.full import FullTable
-
         object.__setattr__(self, "features", tuple(self.features))
         object.__setattr__(self, "table_methods", tuple(self.table_methods))
         if self.method is None:
-            object.__setattr__(self, "method", FullTable())
+            object.__setattr__(self, "method", method_class(DEFAULT_METHOD)())
         if self.dim < 1:
             raise ValueError(f"EmbeddingSpec.dim must be >= 1, got {self.dim}")
         self._check_features()
@@ -183,8 +186,6 @@ class EmbeddingSpec:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "EmbeddingSpec":
         """Build from plain data (e.g. a TOML table) with methods given as ``{"name": ..., **params}``."""
-        from embtab.methods import method_from_dict
-
         features = tuple(FeatureSpec(**f) for f in data["features"])
         method = method_from_dict(data["method"]) if "method" in data else None
         overrides = tuple(

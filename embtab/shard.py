@@ -35,6 +35,8 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from embtab.collection import EmbeddingTables
 from embtab.config import SparseOptimizer
+from embtab.fused_state import bind_after_fusing
+from embtab.fused_state import physical_weights as physical_weights  # re-exported: its old home
 
 _OPTIMIZER_CLASSES = {
     "sgd": torch.optim.SGD,
@@ -275,6 +277,9 @@ def fuse(
     sharded over `process_group` (default: a one-process group) by `plan` or, when None, by
     torchrec's planner under `constraints`.
 
+    Methods bound after fusing (`embtab.methods.base.BoundAfterFusing`: managed collisions' row
+    reset and process group) are bound to the fused tables before it returns.
+
     Returns the `DistributedModelParallel` wrapper to train and evaluate with; its
     `fused_optimizer` holds the sparse optimizer state, `dense_parameters(dmp)` the rest. With more
     than one rank, gradients are averaged across ranks (DDP for dense parameters, torchrec's
@@ -294,8 +299,6 @@ def fuse(
     group = process_group or single_process_group()
     for tables in embedding_tables_of(model):
         tables.sparse_optimizer = optimizer
-        for method in tables.methods.values():
-            method.process_group = group
         for collection in tables.collections():
             apply_optimizer_in_backward(optimizer_class, collection.parameters(), kwargs)
     plan = plan or plan_sharding(model, group, device, constraints)
@@ -310,6 +313,7 @@ def fuse(
         data_parallel_wrapper=_NoDataParallel() if single else _DataParallel(),
     )
     copy_into_shards(dmp, initial)
+    bind_after_fusing(dmp, group)
     return dmp
 
 
@@ -486,13 +490,3 @@ def _check_matches(sizes: dict[str, tuple[int, ...]], saved: dict[str, torch.Ten
             raise ValueError(
                 f"checkpoint entry {key!r} has shape {tuple(value.shape)}; the model expects {sizes[key]}"
             )
-
-
-def physical_weights(module: nn.Module) -> dict[str, torch.Tensor]:
-    """A copy of every physical table's weights by table name, from `EmbeddingTables` or a fused model."""
-    out = {}
-    for key, value in module.state_dict().items():
-        if key.endswith(".weight") and (".embedding_bags." in key or ".embeddings." in key):
-            tensor = value.local_shards()[0].tensor if isinstance(value, ShardedTensor) else value
-            out[key.split(".")[-2]] = tensor.detach().clone()
-    return out

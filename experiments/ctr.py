@@ -32,6 +32,7 @@ import torch.distributed as dist
 import embtab
 from embtab.budget import solve_budget
 from embtab.methods import METHODS
+from embtab.methods.base import SizedSpec
 from data import DatasetSplits, load_dataset
 from embtab.shard import ShardingConstraints
 from experiments.common import is_writer, join_torchrun, parser, write_json
@@ -130,8 +131,10 @@ def embedding_spec(
 
 def _with_placeholder_size(method: dict[str, Any]) -> dict[str, Any]:
     """A method table whose size knob may be left out: the budget solver sets it."""
-    size_field = getattr(METHODS.get(method.get("name")), "size_field", None)
-    return {size_field: PLACEHOLDER_SIZE, **method} if size_field else dict(method)
+    spec = METHODS.get(method.get("name", ""))
+    if spec is None or not issubclass(spec, SizedSpec):
+        return dict(method)
+    return {spec.size_field: PLACEHOLDER_SIZE, **method}
 
 
 def sharding_constraints(table: dict[str, Any]) -> ShardingConstraints:

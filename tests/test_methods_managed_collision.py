@@ -6,8 +6,9 @@ from torchrec import KeyedJaggedTensor
 from torchrec.modules.mc_modules import MCHManagedCollisionModule
 
 import embtab
+from embtab.fused_state import attach_row_reset
 from embtab.methods import METHODS, method_from_dict
-from embtab.methods.managed_collision import ManagedCollision, ManagedCollisionMethod, attach_row_reset
+from embtab.methods.managed_collision import ManagedCollision, ManagedCollisionMethod
 from embtab.shard import load_training_state, training_state
 
 FEATURES = (

@@ -1,57 +1,58 @@
-"""The registry of compression methods: one line per method file."""
+"""Every method file, imported once so that each registers itself (`embtab.registry`).
+
+Adding a method is adding its file (which registers its spec with `register_method`) and its
+import line here. `METHODS`, `SEARCH_METHODS` and `PLACEMENT_METHODS` are views of the registry
+by kind, taken when this package is imported.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Mapping
-
 from embtab.config import MethodSpec
 from embtab.methods.base import PhysicalTable, TableMethod
-from embtab.methods.dnis import DNIS
 from embtab.methods.full import FullTable
 from embtab.methods.hashing_trick import HashingTrick
-from embtab.methods.managed_collision import ManagedCollision
-from embtab.methods.mde import MDE
 from embtab.methods.multi_hash import MultiHash
+from embtab.methods.qr import QREmbedding
 from embtab.methods.multiplex import Multiplexed
-from embtab.methods.offloaded import Offloaded
+from embtab.methods.managed_collision import ManagedCollision
 from embtab.methods.optembed import OptEmbed
 from embtab.methods.pep import PEP
+from embtab.methods.mde import MDE
 from embtab.methods.pruned import PrunedTable
-from embtab.methods.qr import QREmbedding
+from embtab.methods.dnis import DNIS
+from embtab.methods.offloaded import Offloaded
+from embtab.registry import MethodKind, method_from_dict, methods_of_kind, register_method
 
-METHODS: dict[str, type[MethodSpec]] = {
-    FullTable.name: FullTable,
-    HashingTrick.name: HashingTrick,
-    MultiHash.name: MultiHash,
-    QREmbedding.name: QREmbedding,
-    Multiplexed.name: Multiplexed,
-    ManagedCollision.name: ManagedCollision,
-}
+# Compression methods: every generic budget test and sweep takes them.
+METHODS: dict[str, type[MethodSpec]] = methods_of_kind(MethodKind.COMPRESSION)
 
 # Methods whose size is learned (embtab.search) or only reachable from a search (the pruned export):
 # they do not take every budget the generic budget tests and sweeps ask of METHODS.
-SEARCH_METHODS: dict[str, type[MethodSpec]] = {
-    OptEmbed.name: OptEmbed,
-    PEP.name: PEP,
-    MDE.name: MDE,
-    PrunedTable.name: PrunedTable,
-    DNIS.name: DNIS,
-}
+SEARCH_METHODS: dict[str, type[MethodSpec]] = methods_of_kind(MethodKind.LEARNED_SIZE, MethodKind.SEARCH_RESULT)
 
 # Not compression: where a full table's rows live (a fused cache in front of a RAM or mmap store).
-PLACEMENT_METHODS: dict[str, type[MethodSpec]] = {
-    Offloaded.name: Offloaded,
-}
+PLACEMENT_METHODS: dict[str, type[MethodSpec]] = methods_of_kind(MethodKind.PLACEMENT)
 
-
-def method_from_dict(data: Mapping[str, Any]) -> MethodSpec:
-    """Build a method spec from ``{"name": <registry key>, **parameters}`` (e.g. a TOML table)."""
-    params = dict(data)
-    name = params.pop("name", None)
-    known = {**METHODS, **SEARCH_METHODS, **PLACEMENT_METHODS}
-    if name not in known:
-        raise ValueError(f"unknown embedding method {name!r}; expected one of {sorted(known)}")
-    return known[name](**params)
-
-
-__all__ = ["METHODS", "SEARCH_METHODS", "PLACEMENT_METHODS", "MethodSpec", "PhysicalTable", "TableMethod", "FullTable", "method_from_dict"]
+__all__ = [
+    "DNIS",
+    "MDE",
+    "METHODS",
+    "PEP",
+    "PLACEMENT_METHODS",
+    "SEARCH_METHODS",
+    "FullTable",
+    "HashingTrick",
+    "ManagedCollision",
+    "MethodKind",
+    "MethodSpec",
+    "MultiHash",
+    "Multiplexed",
+    "Offloaded",
+    "OptEmbed",
+    "PhysicalTable",
+    "PrunedTable",
+    "QREmbedding",
+    "TableMethod",
+    "method_from_dict",
+    "register_method",
+]

@@ -1,20 +1,38 @@
-"""What every compression method provides: remap, physical tables, combine, bytes.
+"""What every compression method provides: remap, physical tables, combine, bytes; and the
+capabilities a method may declare on top.
 
-A method spec (a frozen dataclass in `embtab.config`) is compiled for one logical table into a
-`TableMethod`. `embtab.EmbeddingTables` then places every method's physical tables in one fused
-torchrec collection and calls `remap` before and `combine` after the lookup.
+A method spec (a frozen dataclass, subclass of `embtab.config.MethodSpec`) is compiled for one
+logical table into a `TableMethod`. `embtab.EmbeddingTables` then places every method's physical
+tables in one fused torchrec collection and calls `remap` before and `combine` after the lookup.
+
+Capabilities are declared by subclassing, and the library asks ``isinstance``:
+
+- `SizedSpec`: bytes are set by one integer knob (`size_field`), growing or shrinking with it;
+  `embtab.budget` solves the knob for a byte budget.
+- `LearnedSizeSpec`: the exported size is learned (a trained mask); a budget becomes the export's
+  target (`with_budget`), and `floor_method` is the smallest export.
+- `MaskedMethod`: a compiled method whose mask `embtab.search.export` scores and shifts.
+- `BoundAfterFusing`: a compiled method that needs the fused tables (their weights, optimizer
+  state, process group); `embtab.fuse` calls `bind_fused` on it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from embtab.config import LogicalTable
+from embtab.config import LogicalTable, MethodSpec
 from embtab.hashing import hash_to_range
+
+if TYPE_CHECKING:
+    from embtab.fused_state import FusedTables
+
+SizedT = TypeVar("SizedT", bound="SizedSpec")
+LearnedT = TypeVar("LearnedT", bound="LearnedSizeSpec")
 
 
 @dataclass(frozen=True)
@@ -48,8 +66,6 @@ class TableMethod(nn.Module):
             so pooled features may pool inside the fused kernel; False makes the collection look
             rows up per id, combine, then pool.
         max_id: ids must be below this (the full table); ``None`` accepts any non-negative id.
-        process_group: the ranks the tables were fused over (`embtab.fuse` sets it); None for
-            tables used on their own, whose methods then see only local ids.
     """
 
     pooling_commutes: bool = True
@@ -59,7 +75,6 @@ class TableMethod(nn.Module):
         self.table = table
         self.physical_tables: tuple[PhysicalTable, ...] = ()
         self.max_id: int | None = table.cardinality
-        self.process_group: dist.ProcessGroup | None = None
 
     @property
     def out_dim(self) -> int:
@@ -98,3 +113,68 @@ class TableMethod(nn.Module):
         """Bytes of the method's own parameters and buffers (projections, importance weights)."""
         tensors = list(self.parameters()) + list(self.buffers())
         return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class SizedSpec(MethodSpec):
+    """A method whose bytes are set by one integer knob.
+
+    Attributes:
+        size_field: name of the knob (a dataclass field of the spec).
+        size_increasing: True when bytes grow with the knob (rows of a hashed table), False when
+            they shrink (QR's collisions).
+    """
+
+    size_field: ClassVar[str] = ""
+    size_increasing: ClassVar[bool] = True
+
+    def with_size(self: SizedT, value: int) -> SizedT:
+        """This spec with its knob set to `value`."""
+        return replace(self, **{type(self).size_field: value})
+
+
+class LearnedSizeSpec(MethodSpec, ABC):
+    """A method whose exported size is learned: trained with a mask, then pruned to a target.
+
+    Attributes:
+        budget_field: name of the field that holds the export's byte target (0: none).
+        budget_bytes: the export's byte target.
+        budget_optimizer: the sparse optimizer whose state the target counts ("" for weights only).
+    """
+
+    budget_field: ClassVar[str] = "budget_bytes"
+    budget_bytes: int
+    budget_optimizer: str
+
+    @abstractmethod
+    def floor_method(self) -> MethodSpec:
+        """The smallest export (no row kept, the narrowest width)."""
+
+    def with_budget(self: LearnedT, budget_bytes: int, optimizer_kind: str) -> LearnedT:
+        """This spec asking its export to fit `budget_bytes` counted under `optimizer_kind`."""
+        target = {type(self).budget_field: budget_bytes, "budget_optimizer": optimizer_kind}
+        return replace(self, **target)
+
+
+class MaskedMethod(TableMethod, ABC):
+    """A compiled method with a learned mask that `embtab.search.export` reads and moves.
+
+    Attributes:
+        shift: a scalar buffer raised on top of the learned thresholds: a row or element survives
+            when its score exceeds it.
+    """
+
+    shift: torch.Tensor
+
+    @abstractmethod
+    def scores(self, weights: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, column) scores from the physical tables' `weights`: at a shift ``s`` a row
+        (column) survives when its score exceeds ``s``."""
+
+
+class BoundAfterFusing(TableMethod, ABC):
+    """A compiled method that holds on to the fused tables: `embtab.fuse` calls `bind_fused`
+    with the stored tables of its collection and the process group once the tables are fused."""
+
+    @abstractmethod
+    def bind_fused(self, fused: "FusedTables") -> None:
+        """Bind what the method needs of the fused tables (views of weights and optimizer state)."""

@@ -21,12 +21,14 @@ import torch
 from torch import nn
 
 from embtab.config import LogicalTable, MethodSpec
-from embtab.methods.base import PhysicalTable, TableMethod
+from embtab.methods.base import LearnedSizeSpec, MaskedMethod, PhysicalTable, TableMethod
 from embtab.methods.pruned import PrunedTable
+from embtab.registry import MethodKind, register_method
 
 
+@register_method(MethodKind.LEARNED_SIZE)
 @dataclass(frozen=True)
-class DNIS(MethodSpec):
+class DNIS(LearnedSizeSpec):
     """Soft per-dimension selection weights; the export keeps the largest ones within a budget.
 
     Args:
@@ -35,7 +37,6 @@ class DNIS(MethodSpec):
     """
 
     name = "dnis"
-    budget_field: ClassVar[str] = "budget_bytes"
 
     budget_bytes: int = 0
     budget_optimizer: str = ""
@@ -51,7 +52,7 @@ class DNIS(MethodSpec):
         return PrunedTable(kept=0, width=4)
 
 
-class DNISMethod(TableMethod):
+class DNISMethod(MaskedMethod):
     def __init__(self, table: LogicalTable) -> None:
         super().__init__(table)
         self.physical_tables = (PhysicalTable(table.name, table.cardinality, table.dim),)

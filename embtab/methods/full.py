@@ -8,8 +8,10 @@ import torch
 
 from embtab.config import LogicalTable, MethodSpec
 from embtab.methods.base import PhysicalTable, TableMethod
+from embtab.registry import MethodKind, register_method
 
 
+@register_method(MethodKind.COMPRESSION)
 @dataclass(frozen=True)
 class FullTable(MethodSpec):
     """`cardinality` x `dim` rows; ids are range-checked, never clamped."""

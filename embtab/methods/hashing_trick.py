@@ -17,12 +17,14 @@ import torch
 
 from embtab.config import LogicalTable, MethodSpec
 from embtab.hashing import salt_of
-from embtab.methods.base import PhysicalTable, TableMethod
+from embtab.methods.base import PhysicalTable, SizedSpec, TableMethod
 from embtab.methods.frequency import HotIds, check_hot_ids, check_int
+from embtab.registry import MethodKind, register_method
 
 
+@register_method(MethodKind.COMPRESSION)
 @dataclass(frozen=True)
-class HashingTrick(MethodSpec):
+class HashingTrick(SizedSpec):
     """`rows` hashed rows (+ one exclusive row per hot id) of the table's width.
 
     Args:

@@ -13,10 +13,11 @@ Collisionless Embedding Table" (2022); torchrec's implementation (``MCHManagedCo
 Evicted rows. A row handed to a new id still holds the vector (and optimizer state) its previous
 id trained. torchrec's unsharded `ManagedCollisionEmbeddingCollection` leaves it so (its `evict` is
 a no-op); its sharded one re-initializes the row and zeroes its optimizer state before the lookup.
-embtab does the same when asked: `attach_row_reset(tables)` (after `embtab.fuse`) makes every
-managed-collision table re-initialize its evicted rows (uniform in +-sqrt(1/rows), torchrec's
-default init) and zero their fused optimizer state, inside `remap`, i.e. before the lookup that
-first reads them. Without it, evicted rows are left as they are, as in torchrec's unsharded module.
+embtab does the same: `embtab.fuse` (through `bind_fused`), or `embtab.fused_state.attach_row_reset(tables)`
+on an unfused module, makes every managed-collision table re-initialize its evicted rows (uniform in
++-sqrt(1/rows), torchrec's default init) and zero their fused optimizer state, inside `remap`, i.e.
+before the lookup that first reads them. Unbound tables (unfused, no `attach_row_reset`) leave
+evicted rows as they are, as torchrec's unsharded module does.
 
 Caveats inherited from torchrec: the id history buffer is sized from the first training batch
 (1.25 x its ids x `eviction_interval`); ids beyond it in a larger batch are not counted for
@@ -31,9 +32,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal, Mapping
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torchrec import JaggedTensor
 from torchrec.modules.mc_modules import (
@@ -46,14 +48,19 @@ from torchrec.modules.mc_modules import (
 from embtab.collectives import gather_rows
 from embtab.config import LogicalTable, MethodSpec
 from embtab.hashing import salt_of
-from embtab.methods.base import PhysicalTable, TableMethod
+from embtab.methods.base import BoundAfterFusing, PhysicalTable, SizedSpec
+from embtab.registry import MethodKind, register_method
+
+if TYPE_CHECKING:
+    from embtab.fused_state import FusedTables, StoredTable
 
 MAX_INPUT_HASH_SIZE = 2**63 - 1
 EVICTIONS: tuple[str, ...] = ("lfu", "lru")
 
 
+@register_method(MethodKind.COMPRESSION)
 @dataclass(frozen=True)
-class ManagedCollision(MethodSpec):
+class ManagedCollision(SizedSpec):
     """`rows` x `dim` table whose rows torchrec's MCH module hands to the hottest ids.
 
     Args:
@@ -99,8 +106,13 @@ def _policy(eviction: str) -> MCHEvictionPolicy:
     return LFU_EvictionPolicy() if eviction == "lfu" else LRU_EvictionPolicy()
 
 
-class ManagedCollisionMethod(TableMethod):
-    """Remap through a `MCHManagedCollisionModule` (profile in training mode, then remap)."""
+class ManagedCollisionMethod(BoundAfterFusing):
+    """Remap through a `MCHManagedCollisionModule` (profile in training mode, then remap).
+
+    Bound after fusing: it profiles the ids of every rank of the process group the tables were
+    fused over (None: only its own), and resets the rows it evicts in the stored weights and
+    fused optimizer state.
+    """
 
     pooling_commutes = True
 
@@ -118,6 +130,7 @@ class ManagedCollisionMethod(TableMethod):
         )
         self.physical_tables = (PhysicalTable(table.name, spec.rows, table.dim),)
         self.row_reset: RowReset | None = None
+        self.process_group: dist.ProcessGroup | None = None
 
     @property
     def miss_row(self) -> int:
@@ -153,6 +166,20 @@ class ManagedCollisionMethod(TableMethod):
         for LRU) depends on the batch, not on the configuration, and is not counted.
         """
         return sum(t.numel() * t.element_size() for t in self.mch.state_dict().values())
+
+    def bind_fused(self, fused: FusedTables) -> None:
+        self.process_group = fused.process_group
+        self.bind_row_reset(fused.tables)
+
+    def bind_row_reset(self, stored: Mapping[str, StoredTable]) -> None:
+        """Reset evicted rows in the stored weights and fused optimizer state of this table."""
+        name = self.physical_tables[0].name
+        table = stored.get(name)
+        if table is None:
+            raise ValueError(f"table {name!r}: no weight found in the collection to reset rows of")
+        weights = [(s.tensor, s.first_row) for s in table.weight_shards()]
+        states = [(s.tensor, s.first_row) for s in table.state_shards()]
+        self.row_reset = RowReset(weights, states, math.sqrt(1.0 / self.rows), salt_of("row_reset", name))
 
     def mapped_ids(self) -> dict[int, int]:
         """The id -> row map as a dict (for inspection and tests; not for the hot path)."""
@@ -192,50 +219,3 @@ class RowReset:
 def _local_rows(rows: torch.Tensor, first: int, count: int) -> torch.Tensor:
     local = rows.to(torch.int64) - first
     return local[(local >= 0) & (local < count)]
-
-
-def _shards(tensor: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
-    """(local tensor, first row) for a plain tensor or each local shard of a ShardedTensor."""
-    if hasattr(tensor, "local_shards"):
-        return [(s.tensor, int(s.metadata.shard_offsets[0])) for s in tensor.local_shards()]
-    return [(tensor, 0)]
-
-
-def attach_row_reset(model: nn.Module) -> int:
-    """Make every managed-collision table in `model` reset the rows it evicts; returns how many.
-
-    Call it on the model (or the `DistributedModelParallel`) after `embtab.fuse`: it binds views
-    of the fused weights and fused optimizer state. On an unfused module it binds the weights
-    only (an external torch optimizer's state is not reset).
-    """
-    from embtab.collection import EmbeddingTables
-
-    count = 0
-    for tables in (m for m in model.modules() if isinstance(m, EmbeddingTables)):
-        weights = tables.state_dict()
-        optimizer_states: dict[str, dict[str, torch.Tensor]] = {}
-        for collection in tables.collections():
-            fused = getattr(collection, "fused_optimizer", None)
-            if fused is not None:
-                optimizer_states.update(fused.state_dict()["state"])
-        for method in tables.methods.values():
-            if not isinstance(method, ManagedCollisionMethod):
-                continue
-            name = method.physical_tables[0].name
-            suffix = f".{name}.weight"
-            bound_weights = [p for k, v in weights.items() if k.endswith(suffix) for p in _shards(v)]
-            states = [
-                p
-                for k, per_param in optimizer_states.items()
-                if k.endswith(suffix)
-                for v in per_param.values()
-                if isinstance(v, torch.Tensor)
-                for p in _shards(v)
-            ]
-            if not bound_weights:
-                raise ValueError(f"table {name!r}: no weight found in the collection to reset rows of")
-            method.row_reset = RowReset(
-                bound_weights, states, math.sqrt(1.0 / method.rows), salt_of("row_reset", name)
-            )
-            count += 1
-    return count

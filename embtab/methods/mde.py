@@ -18,11 +18,13 @@ import torch
 from torch import nn
 
 from embtab.config import LogicalTable, MethodSpec
-from embtab.methods.base import PhysicalTable, TableMethod
+from embtab.methods.base import PhysicalTable, SizedSpec, TableMethod
+from embtab.registry import MethodKind, register_method
 
 
+@register_method(MethodKind.SEARCH_RESULT)
 @dataclass(frozen=True)
-class MDE(MethodSpec):
+class MDE(SizedSpec):
     """Per-table widths ``base_dim * (reference_rows / rows) ** alpha``, projected to the model's width.
 
     Args:

@@ -32,14 +32,16 @@ import torch
 
 from embtab.config import LogicalTable, MethodSpec
 from embtab.hashing import salt_of
-from embtab.methods.base import PhysicalTable, TableMethod
+from embtab.methods.base import PhysicalTable, SizedSpec, TableMethod
 from embtab.methods.frequency import HotIds, check_hot_ids, check_int
+from embtab.registry import MethodKind, register_method
 
 COMBINES: tuple[str, ...] = ("sum", "concat")
 
 
+@register_method(MethodKind.COMPRESSION)
 @dataclass(frozen=True)
-class MultiHash(MethodSpec):
+class MultiHash(SizedSpec):
     """k salted hashes into a shared table (or k tables), rows summed or concatenated.
 
     Args:

@@ -24,11 +24,13 @@ import torch
 
 from embtab.config import EmbeddingSpec, LogicalTable, MethodSpec
 from embtab.hashing import salt_of
-from embtab.methods.base import PhysicalTable, TableMethod
+from embtab.methods.base import PhysicalTable, SizedSpec, TableMethod
+from embtab.registry import MethodKind, register_method
 
 
+@register_method(MethodKind.COMPRESSION)
 @dataclass(frozen=True)
-class Multiplexed(MethodSpec):
+class Multiplexed(SizedSpec):
     """Hash this table's ids into the shared table `table` (``rows`` x ``chunk_dim``).
 
     Args:

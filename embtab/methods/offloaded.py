@@ -19,11 +19,16 @@ import torch
 
 from embtab.config import LogicalTable, MethodSpec
 from embtab.methods.base import PhysicalTable, TableMethod
+from embtab.registry import MethodKind, register_method
 
 if TYPE_CHECKING:
     from embtab.offload.cache import RowCache
 
+# The eviction policies a spec may name (`embtab.offload.policy` implements them).
+POLICIES: tuple[str, ...] = ("lru", "lfu", "lookahead")
 
+
+@register_method(MethodKind.PLACEMENT)
 @dataclass(frozen=True)
 class Offloaded(MethodSpec):
     """The full table in a backing store (RAM or an mmap file) behind a fused cache.
@@ -47,8 +52,6 @@ class Offloaded(MethodSpec):
     cache: str = "offload_cache"
 
     def build(self, table: LogicalTable) -> "OffloadedMethod":
-        from embtab.offload.policy import POLICIES  # the offload package imports this module
-
         rows = self.cache_rows
         if not isinstance(rows, int) or isinstance(rows, bool) or rows < 1:
             raise ValueError(f"table {table.name!r} (offloaded): cache_rows must be an integer >= 1, got {rows!r}")

@@ -29,8 +29,9 @@ from torch import nn
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
 from embtab.config import LogicalTable, MethodSpec
-from embtab.methods.base import PhysicalTable, TableMethod
+from embtab.methods.base import LearnedSizeSpec, MaskedMethod, PhysicalTable, TableMethod
 from embtab.methods.pruned import PrunedTable
+from embtab.registry import MethodKind, register_method
 
 SAMPLINGS: tuple[str, ...] = ("id", "batch")
 
@@ -71,8 +72,9 @@ class ThresholdSGD(torch.optim.SGD):
         return super().step(closure)
 
 
+@register_method(MethodKind.LEARNED_SIZE)
 @dataclass(frozen=True)
-class OptEmbed(MethodSpec):
+class OptEmbed(LearnedSizeSpec):
     """The OptEmbed supernet for every table it is given (train it, then `embtab.search`).
 
     Args:
@@ -85,7 +87,6 @@ class OptEmbed(MethodSpec):
     """
 
     name = "optembed"
-    budget_field: ClassVar[str] = "budget_bytes"
 
     t_lr: float = 1e-2
     alpha: float = 1e-5
@@ -111,7 +112,7 @@ class OptEmbed(MethodSpec):
         return PrunedTable(kept=0, width=self.width_step)
 
 
-class OptEmbedMethod(TableMethod):
+class OptEmbedMethod(MaskedMethod):
     pooling_commutes = False
 
     def __init__(self, table: LogicalTable, spec: OptEmbed) -> None:

@@ -25,14 +25,16 @@ import torch
 from torch import nn
 
 from embtab.config import LogicalTable, MethodSpec
-from embtab.methods.base import PhysicalTable, TableMethod
+from embtab.methods.base import LearnedSizeSpec, MaskedMethod, PhysicalTable, TableMethod
 from embtab.methods.pruned import PrunedTable
+from embtab.registry import MethodKind, register_method
 
 GRANULARITIES: tuple[str, ...] = ("global", "dimension", "feature", "feature_dim")
 
 
+@register_method(MethodKind.LEARNED_SIZE)
 @dataclass(frozen=True)
-class PEP(MethodSpec):
+class PEP(LearnedSizeSpec):
     """PEP's soft-thresholded table (train it, then `embtab.search` prunes and rewinds it).
 
     Args:
@@ -43,7 +45,6 @@ class PEP(MethodSpec):
     """
 
     name = "pep"
-    budget_field: ClassVar[str] = "budget_bytes"
 
     granularity: str = "dimension"
     init_threshold: float = -15.0
@@ -62,7 +63,7 @@ class PEP(MethodSpec):
         return PrunedTable(kept=0, width=4)
 
 
-class PEPMethod(TableMethod):
+class PEPMethod(MaskedMethod):
     pooling_commutes = False
 
     def __init__(self, table: LogicalTable, spec: PEP) -> None:

@@ -25,6 +25,7 @@ import torch
 
 from embtab.config import LogicalTable, MethodSpec
 from embtab.methods.base import PhysicalTable, TableMethod
+from embtab.registry import MethodKind, register_method
 
 WORD_BITS = 32
 
@@ -39,6 +40,7 @@ def pruned_parameter_bytes(cardinality: int, kept: int, width: int) -> int:
     return (kept + 1) * width * 4 + rank_buffer_bytes(cardinality) + width * 8
 
 
+@register_method(MethodKind.SEARCH_RESULT)
 @dataclass(frozen=True)
 class PrunedTable(MethodSpec):
     """``kept`` rows x ``width`` columns of a table whose other rows and columns are pruned.

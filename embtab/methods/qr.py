@@ -37,13 +37,15 @@ from typing import ClassVar
 import torch
 
 from embtab.config import LogicalTable, MethodSpec
-from embtab.methods.base import PhysicalTable, TableMethod
+from embtab.methods.base import PhysicalTable, SizedSpec, TableMethod
+from embtab.registry import MethodKind, register_method
 
 OPERATIONS: tuple[str, ...] = ("mult", "add", "concat")
 
 
+@register_method(MethodKind.COMPRESSION)
 @dataclass(frozen=True)
-class QREmbedding(MethodSpec):
+class QREmbedding(SizedSpec):
     """k complementary partition tables (quotient and remainder for k = 2), combined per id.
 
     Args:

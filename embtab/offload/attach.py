@@ -7,10 +7,9 @@ from typing import Mapping
 
 import torch
 from torch import nn
-from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec import KeyedJaggedTensor
 
-from embtab.collection import EmbeddingTables
+from embtab.fused_state import StoredTable, stored_tables_of, weight_keys, whole_local
 from embtab.methods.offloaded import OffloadedMethod
 from embtab.offload.cache import CacheStats, RowCache
 from embtab.offload.policy import make_policy
@@ -89,18 +88,20 @@ def attach(model: nn.Module, stores: Mapping[str, RowStore]) -> Offload:
     logical table to its store: cardinality rows of the table's width, with the fused
     optimizer's state per row.
     """
-    weights = {k: _local(v) for k, v in model.state_dict().items() if _is_table_weight(k)}
-    states = _optimizer_states(model)
+    keys = weight_keys(model)
     groups: dict[str, list[OffloadedMethod]] = {}
-    for tables in (m for m in model.modules() if isinstance(m, EmbeddingTables)):
+    stored: dict[str, StoredTable] = {}
+    for tables, tables_stored in stored_tables_of(model):
         for method in tables.methods.values():
             if isinstance(method, OffloadedMethod):
-                groups.setdefault(method.physical_tables[0].name, []).append(method)
+                name = method.physical_tables[0].name
+                groups.setdefault(name, []).append(method)
+                stored[name] = tables_stored[name]
     missing = sorted(m.table.name for group in groups.values() for m in group if m.table.name not in stores)
     unused = sorted(set(stores) - {m.table.name for group in groups.values() for m in group})
     if missing or unused:
         raise ValueError(f"offloaded tables without a store: {missing}; stores for no offloaded table: {unused}")
-    caches = {name: _cache(name, group, stores, weights, states) for name, group in groups.items()}
+    caches = {name: _cache(name, group, stores, stored[name], keys[name]) for name, group in groups.items()}
     return Offload(caches)
 
 
@@ -108,16 +109,18 @@ def _cache(
     name: str,
     members: list[OffloadedMethod],
     stores: Mapping[str, RowStore],
-    weights: dict[str, torch.Tensor],
-    states: dict[str, torch.Tensor],
+    stored: StoredTable,
+    keys: list[str],
 ) -> RowCache:
-    """One cache over the tables in `members`, which share the physical table `name`."""
+    """One cache over the tables in `members`, which share the physical table `name` (`stored`;
+    `keys`: every weight key of that name in the model, which must be one)."""
     specs = {m.spec for m in members}
     if len(specs) != 1:
         raise ValueError(f"offloaded tables {[m.table.name for m in members]} share cache {name!r} but differ: {specs}")
     spec, physical = specs.pop(), members[0].physical_tables[0]
-    key = _only_key(weights, name)
-    state = states.get(key, torch.zeros(physical.rows, 0)).view(physical.rows, -1)
+    if len(keys) != 1:
+        raise ValueError(f"offloaded table {name!r}: expected one fused weight, found {keys}")
+    state = _optimizer_state(stored).view(physical.rows, -1)
     for method in members:
         stores[method.table.name].check_table(method.table.name, method.table.cardinality, physical.dim, int(state.shape[1]))
     store = ConcatStore([stores[m.table.name] for m in members], [m.table.name for m in members])
@@ -126,43 +129,20 @@ def _cache(
     policy = make_policy(spec.policy, physical.rows, store.rows, name)
     reclaim = max(1, int(spec.reclaim * physical.rows))
     tables = {m.table.name: [f.name for f in m.table.features] for m in members}
-    cache = RowCache(name, tables, store, weights[key], state, policy, reclaim)
+    weight = whole_local(stored.weight, "offloaded tables")
+    cache = RowCache(name, tables, store, weight, state, policy, reclaim)
     for method in members:
         method.cache = cache
     return cache
 
 
-def _is_table_weight(key: str) -> bool:
-    return key.endswith(".weight") and (".embedding_bags." in key or ".embeddings." in key)
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """The tensor this process holds (a view of the fused storage for a table-wise shard)."""
-    if isinstance(tensor, ShardedTensor):
-        shards = tensor.local_shards()
-        if len(shards) != 1 or tuple(shards[0].tensor.shape) != tuple(tensor.size()):
-            raise ValueError("offloaded tables must be whole on one rank (table-wise sharding)")
-        return shards[0].tensor
-    return tensor
-
-
-def _only_key(weights: dict[str, torch.Tensor], table: str) -> str:
-    keys = [k for k in weights if k.split(".")[-2] == table]
-    if len(keys) != 1:
-        raise ValueError(f"offloaded table {table!r}: expected one fused weight, found {keys}")
-    return keys[0]
-
-
-def _optimizer_states(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The fused optimizer's per-row state of each table weight (views), by weight key."""
-    fused = getattr(model, "fused_optimizer", None)
-    if fused is None:
-        return {}
-    out = {}
-    for key, per_param in fused.state_dict()["state"].items():
-        tensors = [_local(v) for v in per_param.values() if isinstance(v, (torch.Tensor, ShardedTensor))]
-        if len(tensors) > 1:
-            raise ValueError(f"{key!r}: offloading supports one optimizer state tensor per table, found {len(tensors)}")
-        if tensors:
-            out[key] = tensors[0]
-    return out
+def _optimizer_state(stored: StoredTable) -> torch.Tensor:
+    """The fused optimizer's per-row state of the table (a view; no columns when unfused)."""
+    tensors = [whole_local(v, "offloaded tables") for v in stored.states.values()]
+    if len(tensors) > 1:
+        raise ValueError(
+            f"{stored.key!r}: offloading supports one optimizer state tensor per table, found {len(tensors)}"
+        )
+    if not tensors:
+        return torch.zeros(stored.weight.size(0), 0)
+    return tensors[0]

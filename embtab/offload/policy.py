@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-POLICIES: tuple[str, ...] = ("lru", "lfu", "lookahead")
+from embtab.methods.offloaded import POLICIES
 
 
 class EvictionPolicy:

@@ -24,7 +24,8 @@ from torchrec.inference.modules import quantize_embeddings
 
 from embtab.collection import EmbeddingTables
 from embtab.config import EmbeddingSpec, MethodSpec, SparseOptimizer
-from embtab.methods.base import TableMethod
+from embtab.fused_state import table_parameters as table_weights
+from embtab.methods.base import LearnedSizeSpec, MaskedMethod, TableMethod
 from embtab.methods.full import FullTable
 from embtab.methods.pruned import PrunedTable, pruned_parameter_bytes
 
@@ -74,23 +75,24 @@ def export_bytes(cardinality: int, kept: int, width: int, optimizer: SparseOptim
     return pruned_parameter_bytes(cardinality, kept, width) + state
 
 
-def masked_methods(tables: EmbeddingTables) -> dict[str, TableMethod]:
-    """The tables' methods, checked to be masked ones (with ``scores`` and a ``shift``)."""
-    methods = dict(tables.methods.items())
-    for name, method in methods.items():
-        if not hasattr(method, "scores"):
+def masked_methods(tables: EmbeddingTables) -> dict[str, MaskedMethod]:
+    """The tables' methods, checked to be masked ones (`MaskedMethod`: ``scores`` and a ``shift``)."""
+    methods = {}
+    for name, method in tables.methods.items():
+        if not isinstance(method, MaskedMethod):
             raise ValueError(
                 f"table {name!r} uses {type(method).__name__}, which has no learned mask to export; "
                 "expected OptEmbed, PEP or DNIS"
             )
-    return methods  # type: ignore[return-value]
+        methods[name] = method
+    return methods
 
 
 def table_scores(tables: EmbeddingTables, weights: Mapping[str, torch.Tensor]) -> dict[str, TableScores]:
     """Every table's sorted row and column scores from its physical `weights` (by table name)."""
     out = {}
     for name, method in masked_methods(tables).items():
-        rows, columns = method.scores(_physical(method, weights))  # type: ignore[operator]
+        rows, columns = method.scores(_physical(method, weights))
         out[name] = TableScores(
             method.table.cardinality,
             torch.sort(rows, descending=True).values,
@@ -111,9 +113,10 @@ def bytes_at(scores: Mapping[str, TableScores], shift: float, optimizer: SparseO
 def budget_target(method: MethodSpec) -> tuple[int, SparseOptimizer | None]:
     """(bytes, optimizer whose state counts) a solved spec asks of its export (`solve_budget` sets
     ``budget_bytes`` and ``budget_optimizer``); a budget of 0 means none."""
-    bytes_ = int(getattr(method, "budget_bytes", 0))
-    kind = getattr(method, "budget_optimizer", "")
-    return bytes_, SparseOptimizer(kind) if kind else None
+    if not isinstance(method, LearnedSizeSpec):
+        return 0, None
+    kind = method.budget_optimizer
+    return int(method.budget_bytes), SparseOptimizer(kind) if kind else None
 
 
 def fit_shift(scores: Mapping[str, TableScores], budget: int, optimizer: SparseOptimizer | None) -> float:
@@ -146,7 +149,7 @@ def fit_shift(scores: Mapping[str, TableScores], budget: int, optimizer: SparseO
 def set_shift(tables: EmbeddingTables, shift: float) -> None:
     """Raise every masked method's keep threshold by `shift` (a row/element survives above it)."""
     for method in masked_methods(tables).values():
-        method.shift.fill_(shift)  # type: ignore[union-attr,operator]
+        method.shift.fill_(shift)
 
 
 @torch.no_grad()
@@ -236,18 +239,6 @@ def build_compact(
                 weight[: plan.kept] = plan.values
             weight[plan.kept :] = 0
     return tables
-
-
-def table_weights(tables: EmbeddingTables) -> dict[str, torch.nn.Parameter]:
-    """The weight parameter of every physical table of unfused `tables`, by table name (wherever
-    the collection keeps its torchrec modules)."""
-    out = {}
-    for module in tables.modules():
-        if isinstance(module, torchrec.EmbeddingBagCollection):
-            out.update({name: bag.weight for name, bag in module.embedding_bags.items()})
-        elif isinstance(module, torchrec.EmbeddingCollection):
-            out.update({name: emb.weight for name, emb in module.embeddings.items()})
-    return out
 
 
 def quantize(tables: EmbeddingTables) -> EmbeddingTables:
