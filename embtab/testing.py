@@ -117,9 +117,9 @@ def assert_groups_match_per_table(
         torch.manual_seed(0)
         tables = embtab.EmbeddingTables(spec)
         if not combine_groups:
-            tables._group_of, tables._group_members = {}, {}
+            tables.layout = tables.layout.ungrouped()
         models.append(embtab.fuse(tables, embtab.SparseOptimizer("sgd", lr=0.5)))
-    assert set(models[0].module._group_of) == grouped
+    assert set(models[0].module.layout.group_of) == grouped
     for step in range(steps):
         kjt = random_kjt(spec.features, batch=5, seed=step, max_len=max_len)
         outputs = [m(kjt).pooled for m in models]

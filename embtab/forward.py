@@ -1,0 +1,350 @@
+"""The forward pass of `EmbeddingTables`: remap logical ids, look physical rows up, combine.
+
+Functions of a `Layout`, the compiled methods and the torchrec collections' outputs; every step
+returns its values (no out-parameters). The lookups themselves belong to the module that owns the
+collections (`EmbeddingTables`), which hands them in as `LookupOutputs`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, NamedTuple
+
+import torch
+from torchrec import JaggedTensor, KeyedJaggedTensor, KeyedTensor
+
+from embtab.config import FeatureSpec, LogicalTable
+from embtab.hashing import hash_to_ranges
+from embtab.layout import PER_ID_BUCKET, POOLED_BUCKET, Layout, Piece
+from embtab.methods.base import TableMethod
+from embtab.validation import check_ids
+
+Blocks = dict[tuple[str, int], torch.Tensor]
+
+
+class TableInput(NamedTuple):
+    """One logical table's share of the input: its features' ids, their bag lengths
+    ``[features * batch]`` and the number of ids of each feature."""
+
+    ids: torch.Tensor
+    lengths: torch.Tensor
+    sizes: list[int]
+
+
+@dataclass(frozen=True)
+class LookupOutputs:
+    """What the lookups returned: each bag bucket's output cut into its pieces' column blocks
+    (a table group's columns as one block keyed ``(head, -1)``), each sequence bucket's
+    per-feature `JaggedTensor`s."""
+
+    blocks: dict[str, Blocks] = field(default_factory=dict)
+    sequences: dict[str, dict[str, JaggedTensor]] = field(default_factory=dict)
+
+
+class TableOutput(NamedTuple):
+    """One logical table's result: its pooled features' vectors ``[B, pooled features * width]``
+    (None when it has none) and a `JaggedTensor` per sequence feature."""
+
+    pooled: torch.Tensor | None
+    sequence: dict[str, JaggedTensor]
+
+
+def table_inputs(
+    kjt: KeyedJaggedTensor, layout: Layout, methods: Mapping[str, TableMethod]
+) -> dict[str, TableInput]:
+    """Per logical table: its features' ids (range-checked), lengths and per-feature id counts.
+    `kjt` holds the features in `layout.feature_order`."""
+    values, lengths = kjt.values(), kjt.lengths()
+    length_per_key, stride = kjt.length_per_key(), kjt.stride()
+    inputs = {}
+    first = 0
+    for name, table in layout.logical.items():
+        count = len(table.features)
+        sizes = length_per_key[first : first + count]
+        start = sum(length_per_key[:first])
+        ids = values[start : start + sum(sizes)]
+        check_ids(table, ids, sizes, methods[name].max_id)
+        inputs[name] = TableInput(ids, lengths[first * stride : (first + count) * stride], sizes)
+        first += count
+    return inputs
+
+
+def remap(inputs: Mapping[str, TableInput], methods: Mapping[str, TableMethod]) -> dict[str, torch.Tensor]:
+    """Every table's physical rows; the hashes of all hashing tables in one vectorized call."""
+    requests = {name: methods[name].hashes() for name in inputs}
+    hashing = [name for name, r in requests.items() if r]
+    remapped = {name: methods[name].remap(i.ids) for name, i in inputs.items() if not requests[name]}
+    if not hashing:
+        return remapped
+    ids = {name: inputs[name].ids.to(torch.int64) for name in hashing}
+    segments = [(ids[name], request) for name in hashing for request in requests[name]]
+    counts = [s.numel() for s, _ in segments]
+    flat = torch.cat([s for s, _ in segments])
+    hashed = iter(hash_to_ranges(flat, counts, [r for _, r in segments]).split(counts))
+    for name in hashing:
+        hashes = [next(hashed) for _ in requests[name]]
+        remapped[name] = methods[name].remap_hashed(ids[name], hashes)
+    return remapped
+
+
+def physical_inputs(
+    inputs: Mapping[str, TableInput], remapped: Mapping[str, torch.Tensor], layout: Layout
+) -> dict[str, KeyedJaggedTensor]:
+    """The input of every bucket's lookup: the remapped rows under the physical feature keys."""
+    values: dict[str, list[torch.Tensor]] = {b: [] for b in layout.bucket_keys}
+    lengths: dict[str, list[torch.Tensor]] = {b: [] for b in layout.bucket_keys}
+    per_id_counts: list[int] = []
+    for piece in layout.pieces:
+        values[piece.bucket].append(remapped[piece.table][piece.probe])
+        if piece.bucket == PER_ID_BUCKET:
+            per_id_counts.extend(inputs[piece.table].sizes)
+        else:
+            lengths[piece.bucket].append(inputs[piece.table].lengths)
+    if per_id_counts:
+        device = values[PER_ID_BUCKET][0].device
+        lengths[PER_ID_BUCKET] = [one_id_bags(per_id_counts, device)]
+    return {
+        bucket: KeyedJaggedTensor(
+            keys=keys, values=torch.cat(values[bucket]), lengths=torch.cat(lengths[bucket])
+        )
+        for bucket, keys in layout.bucket_keys.items()
+    }
+
+
+class PieceColumns:
+    """Cuts a bag lookup's output into its pieces' column blocks, by one `split` (cheap
+    backward). The column layout is worked out once per order of output keys and kept."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[str, ...], tuple[list[tuple[str, int]], list[int]]] = {}
+
+    def blocks(self, pooled: KeyedTensor, bucket: str, layout: Layout) -> Blocks:
+        """Each piece's columns; a table group's columns as one block keyed ``(head, -1)``, a
+        view when the lookup kept them together in table order (as on one process), else
+        assembled in that order."""
+        keys = (bucket, *pooled.keys())
+        if keys not in self._cache:
+            self._cache[keys] = _piece_layout(layout, keys[1:], pooled.offset_per_key(), bucket)
+        order, sizes = self._cache[keys]
+        values = pooled.values()
+        blocks = dict(zip(order, torch.split(values, sizes, dim=1)))
+        for head, members in layout.group_members.items():
+            if members[0] not in blocks:
+                continue
+            first = order.index(members[0])
+            if order[first : first + len(members)] == members:
+                width = sum(sizes[first : first + len(members)])
+                whole = width == values.shape[1]  # a narrow's backward would copy into zeros
+                blocks[(head, -1)] = values if whole else values.narrow(1, sum(sizes[:first]), width)
+            else:
+                blocks[(head, -1)] = torch.cat([blocks[m] for m in members], 1)
+        return blocks
+
+
+
+def _piece_layout(
+    layout: Layout, keys: tuple[str, ...], offsets: list[int], bucket: str
+) -> tuple[list[tuple[str, int]], list[int]]:
+    """(pieces in column order, their widths) of a bag lookup whose output keys are `keys`."""
+    position = {k: i for i, k in enumerate(keys)}
+    spans = []
+    for piece in layout.pieces:
+        if piece.bucket == bucket:
+            first, last = position[piece.keys[0]], position[piece.keys[-1]]
+            if last - first + 1 != len(piece.keys):
+                raise RuntimeError(f"pooled lookup split the columns of {piece.keys}")
+            spans.append((offsets[first], offsets[last + 1], (piece.table, piece.probe)))
+    spans.sort()
+    return [span[2] for span in spans], [end - start for start, end, _ in spans]
+
+
+def combine(
+    layout: Layout,
+    methods: Mapping[str, TableMethod],
+    inputs: Mapping[str, TableInput],
+    looked_up: LookupOutputs,
+    stride: int,
+) -> tuple[KeyedTensor | None, dict[str, JaggedTensor]]:
+    """The logical vectors: pooled features as one `KeyedTensor`, a `JaggedTensor` per sequence
+    feature. Tables of a group combine in one call, at their first table."""
+    pooled_blocks: dict[str, torch.Tensor] = {}
+    sequence: dict[str, JaggedTensor] = {}
+    for name, table_input in inputs.items():
+        head = layout.group_of.get(name)
+        if head is None:
+            out = combine_table(layout.logical[name], methods[name], layout.pieces_of(name), table_input, stride, looked_up)
+            if out.pooled is not None:
+                pooled_blocks[name] = out.pooled
+            sequence.update(out.sequence)
+        elif head == name:
+            pooled_blocks[name] = combine_group(layout, methods[name], name, inputs, stride, looked_up)
+    return pooled_output(layout, methods, pooled_blocks, stride), sequence
+
+
+def combine_group(
+    layout: Layout,
+    method: TableMethod,
+    head: str,
+    inputs: Mapping[str, TableInput],
+    stride: int,
+    looked_up: LookupOutputs,
+) -> torch.Tensor:
+    """One combine call for a run of like tables (the same method on stacked columns)."""
+    names = layout.group(head)
+    pieces = layout.pieces_of(head)
+    block = looked_up.blocks[pieces[0].bucket][(head, -1)]
+    features, width = len(pieces[0].keys), method.physical_tables[0].dim
+    stacked = block.reshape(block.shape[0], len(names), len(pieces), features, width)
+    # one probe: a reshape, whose backward is a view, not unbind's zero-filled copy
+    probes = [stacked.squeeze(2)] if len(pieces) == 1 else list(stacked.unbind(2))
+    combined = method.combine(probes)
+    lengths = torch.cat([inputs[n].lengths for n in names])
+    if pieces[0].bucket == POOLED_BUCKET or bool((lengths == 1).all()):
+        return first_rows(combined, stride).reshape(stride, -1)
+    members = [
+        _pool_group_member(layout.logical[n], combined[:, i], inputs[n], stride) for i, n in enumerate(names)
+    ]
+    return torch.cat(members, 1)
+
+
+def _pool_group_member(table: LogicalTable, combined: torch.Tensor, table_input: TableInput, stride: int) -> torch.Tensor:
+    per_feature = tuple(combined[:n, f] for f, n in enumerate(table_input.sizes))
+    features = list(range(len(table_input.sizes)))
+    return pool_per_id(table, torch.cat(per_feature), per_feature, table_input.lengths, stride, features)
+
+
+def combine_table(
+    table: LogicalTable,
+    method: TableMethod,
+    pieces: list[Piece],
+    table_input: TableInput,
+    stride: int,
+    looked_up: LookupOutputs,
+) -> TableOutput:
+    """One logical table's vectors from its pieces' lookups."""
+    if pieces[0].bucket == POOLED_BUCKET:
+        return TableOutput(_combine_pooled(table, method, pieces, table_input.lengths, stride, looked_up), {})
+    if pieces[0].bucket == PER_ID_BUCKET:
+        return TableOutput(_combine_one_id_bags(table, method, pieces, table_input, stride, looked_up), {})
+    sequences = looked_up.sequences
+    per_id = method.combine([gather_per_id(sequences[p.bucket], p.keys) for p in pieces])
+    per_feature = torch.split(per_id, table_input.sizes)
+    sequence = {}
+    for feature, rows, feature_lengths in zip(
+        table.features, per_feature, table_input.lengths.view(len(table.features), stride)
+    ):
+        if feature.is_sequence:
+            sequence[feature.name] = JaggedTensor(values=rows, lengths=feature_lengths)
+    pooled = [i for i, f in enumerate(table.features) if not f.is_sequence]
+    if not pooled:
+        return TableOutput(None, sequence)
+    return TableOutput(pool_per_id(table, per_id, per_feature, table_input.lengths, stride, pooled), sequence)
+
+
+def _combine_pooled(
+    table: LogicalTable,
+    method: TableMethod,
+    pieces: list[Piece],
+    lengths: torch.Tensor,
+    stride: int,
+    looked_up: LookupOutputs,
+) -> torch.Tensor:
+    blocks = looked_up.blocks[POOLED_BUCKET]
+    count = len(table.features)
+    vectors = [blocks[(p.table, p.probe)].reshape(stride, count, -1) for p in pieces]
+    combined = method.combine(vectors)
+    combined = apply_mean(combined, table.features, lengths.view(count, stride).t())
+    return combined.reshape(stride, -1)
+
+
+def _combine_one_id_bags(
+    table: LogicalTable,
+    method: TableMethod,
+    pieces: list[Piece],
+    table_input: TableInput,
+    stride: int,
+    looked_up: LookupOutputs,
+) -> torch.Tensor:
+    """Combine per id (row i of feature f's column block is its i-th id), then pool the bags;
+    when every bag holds one id the combined rows already are the bags."""
+    blocks = looked_up.blocks[PER_ID_BUCKET]
+    count = len(table.features)
+    vectors = [blocks[(p.table, p.probe)] for p in pieces]
+    combined = method.combine([v.reshape(v.shape[0], count, -1) for v in vectors])
+    lengths, sizes = table_input.lengths, table_input.sizes
+    if bool((lengths == 1).all()):
+        return first_rows(combined, stride).reshape(stride, -1)
+    per_feature = tuple(combined[:n, f] for f, n in enumerate(sizes))
+    per_id = torch.cat(per_feature)
+    return pool_per_id(table, per_id, per_feature, lengths, stride, list(range(count)))
+
+
+def pool_per_id(
+    table: LogicalTable,
+    per_id: torch.Tensor,
+    per_feature: tuple[torch.Tensor, ...],
+    lengths: torch.Tensor,
+    stride: int,
+    pooled: list[int],
+) -> torch.Tensor:
+    """Pool per-id vectors into bags; single-id bags (a candidate item) need no scatter."""
+    count = len(table.features)
+    bag_lengths = lengths.view(count, stride)[pooled]
+    if bool((bag_lengths == 1).all()):
+        sums = torch.stack([per_feature[i] for i in pooled], 1)
+    else:
+        bags = torch.repeat_interleave(torch.arange(lengths.numel(), device=per_id.device), lengths)
+        sums = per_id.new_zeros(lengths.numel(), per_id.shape[1]).index_add_(0, bags, per_id)
+        sums = sums.view(count, stride, -1)[pooled].transpose(0, 1)
+    chosen = [table.features[i] for i in pooled]
+    sums = apply_mean(sums, chosen, bag_lengths.t())
+    return sums.reshape(stride, -1)
+
+
+def pooled_output(
+    layout: Layout, methods: Mapping[str, TableMethod], blocks: dict[str, torch.Tensor], stride: int
+) -> KeyedTensor | None:
+    if not blocks:
+        return None
+    keys, widths = [], []
+    for name, table in layout.logical.items():
+        if name in blocks or layout.group_of.get(name) in blocks:
+            for feature in table.features:
+                if not feature.is_sequence:
+                    keys.append(feature.name)
+                    widths.append(methods[name].out_dim)
+    ordered = [blocks[name] for name in layout.logical if name in blocks]  # group heads included
+    values = ordered[0] if len(ordered) == 1 else torch.cat(ordered, dim=1)
+    return KeyedTensor(keys=keys, length_per_key=widths, values=values)
+
+
+def one_id_bags(counts: list[int], device: torch.device) -> torch.Tensor:
+    """Lengths that make each id its own bag: key k gets `counts[k]` bags of one id, then empty
+    bags up to the longest key (every key of a KeyedJaggedTensor has the same number of bags)."""
+    bags = max(max(counts), 1)
+    per_key = torch.tensor(counts, device=device).unsqueeze(1)
+    return (torch.arange(bags, device=device) < per_key).flatten().to(torch.int64)
+
+
+def first_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """`tensor[:rows]`, without the slice (whose backward copies into zeros) when that is all of it."""
+    return tensor if tensor.shape[0] == rows else tensor[:rows]
+
+
+def gather_per_id(per_feature: Mapping[str, JaggedTensor], keys: tuple[str, ...]) -> torch.Tensor:
+    if len(keys) == 1:
+        return per_feature[keys[0]].values()
+    return torch.cat([per_feature[k].values() for k in keys])
+
+
+def apply_mean(
+    pooled: torch.Tensor, features: list[FeatureSpec] | tuple[FeatureSpec, ...], lengths: torch.Tensor
+) -> torch.Tensor:
+    """Divide the sums of mean-pooled features by their bag sizes; `pooled` is [B, F, D]."""
+    means = [i for i, f in enumerate(features) if f.pooling == "mean"]
+    if not means:
+        return pooled
+    divisor = torch.ones_like(lengths, dtype=pooled.dtype)
+    divisor[:, means] = lengths[:, means].to(pooled.dtype)
+    return pooled / divisor.unsqueeze(-1)
+
