@@ -202,12 +202,14 @@ def combine_group(
     if pieces[0].bucket == POOLED_BUCKET or bool((lengths == 1).all()):
         return first_rows(combined, stride).reshape(stride, -1)
     members = [
-        _pool_group_member(layout.logical[n], combined[:, i], inputs[n], stride) for i, n in enumerate(names)
+        _pool_one_id_rows(layout.logical[n], combined[:, i], inputs[n], stride) for i, n in enumerate(names)
     ]
     return torch.cat(members, 1)
 
 
-def _pool_group_member(table: LogicalTable, combined: torch.Tensor, table_input: TableInput, stride: int) -> torch.Tensor:
+def _pool_one_id_rows(table: LogicalTable, combined: torch.Tensor, table_input: TableInput, stride: int) -> torch.Tensor:
+    """Pool a table's combined one-id rows ``[ids, features, width]`` (row i of feature f is its
+    i-th id) into its bags."""
     per_feature = tuple(combined[:n, f] for f, n in enumerate(table_input.sizes))
     features = list(range(len(table_input.sizes)))
     return pool_per_id(table, torch.cat(per_feature), per_feature, table_input.lengths, stride, features)
@@ -222,10 +224,11 @@ def combine_table(
     looked_up: LookupOutputs,
 ) -> TableOutput:
     """One logical table's vectors from its pieces' lookups."""
-    if pieces[0].bucket == POOLED_BUCKET:
-        return TableOutput(_combine_pooled(table, method, pieces, table_input.lengths, stride, looked_up), {})
-    if pieces[0].bucket == PER_ID_BUCKET:
-        return TableOutput(_combine_one_id_bags(table, method, pieces, table_input, stride, looked_up), {})
+    bucket = pieces[0].bucket
+    if bucket in looked_up.blocks:
+        vectors = [looked_up.blocks[bucket][(p.table, p.probe)] for p in pieces]
+        combine_bags = _combine_pooled if bucket == POOLED_BUCKET else _combine_one_id_bags
+        return TableOutput(combine_bags(table, method, vectors, table_input, stride), {})
     sequences = looked_up.sequences
     per_id = method.combine([gather_per_id(sequences[p.bucket], p.keys) for p in pieces])
     per_feature = torch.split(per_id, table_input.sizes)
@@ -242,41 +245,25 @@ def combine_table(
 
 
 def _combine_pooled(
-    table: LogicalTable,
-    method: TableMethod,
-    pieces: list[Piece],
-    lengths: torch.Tensor,
-    stride: int,
-    looked_up: LookupOutputs,
+    table: LogicalTable, method: TableMethod, vectors: list[torch.Tensor], table_input: TableInput, stride: int
 ) -> torch.Tensor:
-    blocks = looked_up.blocks[POOLED_BUCKET]
+    """Combine the pooled bags of every feature (`vectors`: each probe's ``[B, features * width]``)."""
     count = len(table.features)
-    vectors = [blocks[(p.table, p.probe)].reshape(stride, count, -1) for p in pieces]
-    combined = method.combine(vectors)
-    combined = apply_mean(combined, table.features, lengths.view(count, stride).t())
+    combined = method.combine([v.reshape(stride, count, -1) for v in vectors])
+    combined = apply_mean(combined, table.features, table_input.lengths.view(count, stride).t())
     return combined.reshape(stride, -1)
 
 
 def _combine_one_id_bags(
-    table: LogicalTable,
-    method: TableMethod,
-    pieces: list[Piece],
-    table_input: TableInput,
-    stride: int,
-    looked_up: LookupOutputs,
+    table: LogicalTable, method: TableMethod, vectors: list[torch.Tensor], table_input: TableInput, stride: int
 ) -> torch.Tensor:
     """Combine per id (row i of feature f's column block is its i-th id), then pool the bags;
     when every bag holds one id the combined rows already are the bags."""
-    blocks = looked_up.blocks[PER_ID_BUCKET]
     count = len(table.features)
-    vectors = [blocks[(p.table, p.probe)] for p in pieces]
     combined = method.combine([v.reshape(v.shape[0], count, -1) for v in vectors])
-    lengths, sizes = table_input.lengths, table_input.sizes
-    if bool((lengths == 1).all()):
+    if bool((table_input.lengths == 1).all()):
         return first_rows(combined, stride).reshape(stride, -1)
-    per_feature = tuple(combined[:n, f] for f, n in enumerate(sizes))
-    per_id = torch.cat(per_feature)
-    return pool_per_id(table, per_id, per_feature, lengths, stride, list(range(count)))
+    return _pool_one_id_rows(table, combined, table_input, stride)
 
 
 def pool_per_id(

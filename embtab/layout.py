@@ -83,27 +83,22 @@ class Layout:
 
     def bag_configs(self, bucket: str) -> list[EmbeddingBagConfig]:
         """torchrec configs of the tables of a bag bucket (``pooled`` or ``per_id``)."""
-        return [
-            EmbeddingBagConfig(
-                name=name,
-                num_embeddings=self.physical[name].rows,
-                embedding_dim=self.physical[name].dim,
-                feature_names=keys,
-                **self.physical[name].init_range(),
-            )
-            for name, keys in self._table_features(bucket).items()
-        ]
+        return [EmbeddingBagConfig(**kwargs) for kwargs in self._config_kwargs(bucket)]
 
     def sequence_configs(self, bucket: str) -> list[EmbeddingConfig]:
         """torchrec configs of the tables of a per-width ``dim<D>`` bucket."""
+        return [EmbeddingConfig(**kwargs) for kwargs in self._config_kwargs(bucket)]
+
+    def _config_kwargs(self, bucket: str) -> list[dict]:
+        """What torchrec's configs of both kinds take, per physical table of `bucket`."""
         return [
-            EmbeddingConfig(
-                name=name,
-                num_embeddings=self.physical[name].rows,
-                embedding_dim=self.physical[name].dim,
-                feature_names=keys,
+            {
+                "name": name,
+                "num_embeddings": self.physical[name].rows,
+                "embedding_dim": self.physical[name].dim,
+                "feature_names": keys,
                 **self.physical[name].init_range(),
-            )
+            }
             for name, keys in self._table_features(bucket).items()
         ]
 
