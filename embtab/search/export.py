@@ -27,7 +27,7 @@ from embtab.config import EmbeddingSpec, MethodSpec, SparseOptimizer
 from embtab.fused_state import table_parameters as table_weights
 from embtab.methods.base import LearnedSizeSpec, MaskedMethod, TableMethod
 from embtab.methods.full import FullTable
-from embtab.methods.pruned import PrunedTable, pruned_parameter_bytes
+from embtab.methods.pruned import PrunedMethod, PrunedTable, pruned_parameter_bytes
 
 CHUNK_ROWS = 1 << 16
 
@@ -231,9 +231,11 @@ def build_compact(
     weights = table_weights(tables)
     with torch.no_grad():
         for name, plan in table_plans.items():
-            method = tables.methods[name]
-            method.set_rows(plan.keep)  # type: ignore[operator]
-            method.columns.copy_(plan.columns)  # type: ignore[union-attr,operator]
+            method = tables.table_methods[name]
+            if not isinstance(method, PrunedMethod):
+                raise TypeError(f"table {name!r}: expected a pruned table, built {type(method).__name__}")
+            method.set_rows(plan.keep)
+            method.columns.copy_(plan.columns)
             weight = weights[method.physical_tables[0].name]
             if plan.values is not None:
                 weight[: plan.kept] = plan.values
