@@ -20,8 +20,16 @@ from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingCollection, JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 from embtab.config import EmbeddingSpec, SparseOptimizer
-from embtab.forward import LookupOutputs, PieceColumns, combine, physical_inputs, remap, table_inputs
-from embtab.layout import PER_ID_BUCKET, POOLED_BUCKET, compile_layout
+from embtab.forward import (
+    LookupOutputs,
+    PieceColumns,
+    combine,
+    physical_inputs,
+    remap,
+    table_inputs,
+    table_weights,
+)
+from embtab.layout import PER_ID_BUCKET, POOLED_BUCKET, Layout, compile_layout
 from embtab.methods.base import PhysicalTable, TableMethod
 from embtab.validation import canonical
 
@@ -72,6 +80,8 @@ class EmbeddingTables(nn.Module):
 
     Takes a `KeyedJaggedTensor` of logical ids and returns an `EmbeddingOutput`: a `KeyedTensor`
     of pooled features ``[B, sum of widths]`` and a `JaggedTensor` per sequence feature.
+    Built with ``weighted=True`` it takes ids with a weight each (torchrec's weighted features)
+    and pools every bag as the weighted sum of its ids' vectors.
 
     Example::
 
@@ -83,14 +93,19 @@ class EmbeddingTables(nn.Module):
         tables(kjt).pooled.values().shape  # torch.Size([2, 16])
     """
 
-    def __init__(self, spec: EmbeddingSpec, device: torch.device | None = None) -> None:
+    def __init__(
+        self, spec: EmbeddingSpec, device: torch.device | None = None, weighted: bool = False
+    ) -> None:
         super().__init__()
         self.spec = spec
+        self.weighted = weighted
         self.sparse_optimizer: SparseOptimizer | None = None
         logical = spec.tables()
         with torch.device(device or "cpu"):
             self.methods = nn.ModuleDict({t.name: t.method.build(t) for t in logical})
         self.layout = compile_layout(logical, self.table_methods)
+        if weighted:
+            _check_weighted(self.layout)
         self._build_collections(device)
         self._columns = PieceColumns()
 
@@ -105,7 +120,9 @@ class EmbeddingTables(nn.Module):
         self.ecs = nn.ModuleDict()
         for bucket in self.layout.bucket_keys:
             if bucket == POOLED_BUCKET:
-                self.ebc = EmbeddingBagCollection(tables=self.layout.bag_configs(bucket), device=device)
+                self.ebc = EmbeddingBagCollection(
+                    tables=self.layout.bag_configs(bucket), is_weighted=self.weighted, device=device
+                )
             elif bucket == PER_ID_BUCKET:
                 self.per_id_ebc = EmbeddingBagCollection(tables=self.layout.bag_configs(bucket), device=device)
             else:
@@ -146,10 +163,11 @@ class EmbeddingTables(nn.Module):
 
     # ----------------------------------------------------------------------------- forward
     def forward(self, features: KeyedJaggedTensor) -> EmbeddingOutput:
-        kjt = canonical(features, self.layout.feature_order, self.layout.features)
+        kjt = canonical(features, self.layout.feature_order, self.layout.features, self.weighted)
         methods = self.table_methods
         inputs = table_inputs(kjt, self.layout, methods)
-        looked_up = self._lookup(physical_inputs(inputs, remap(inputs, methods), self.layout))
+        weights = table_weights(kjt, inputs) if self.weighted else {}
+        looked_up = self._lookup(physical_inputs(inputs, remap(inputs, methods), self.layout, weights))
         pooled, sequence = combine(self.layout, methods, inputs, looked_up, kjt.stride())
         return EmbeddingOutput(pooled, sequence)
 
@@ -164,3 +182,21 @@ class EmbeddingTables(nn.Module):
             else:
                 out.sequences[bucket] = self.ecs[bucket](kjt)
         return out
+
+
+def _check_weighted(layout: Layout) -> None:
+    """Per-id weights scale the rows inside the fused pooled lookup (torchrec's weighted
+    features), which is exact only when the combine commutes with sum pooling."""
+    for piece in layout.pieces:
+        table = layout.logical[piece.table]
+        unpooled = [f.name for f in table.features if f.pooling != "sum"]
+        if unpooled:
+            raise ValueError(
+                f"table {table.name!r}: weighted ids need sum pooling; features {unpooled} are not "
+                "sum-pooled"
+            )
+        if piece.bucket != POOLED_BUCKET:
+            raise ValueError(
+                f"table {table.name!r}: weighted ids need a method whose combine commutes with "
+                f"pooling; {table.method} combines each id's rows before pooling"
+            )

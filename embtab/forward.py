@@ -87,15 +87,28 @@ def remap(inputs: Mapping[str, TableInput], methods: Mapping[str, TableMethod]) 
     return remapped
 
 
+def table_weights(kjt: KeyedJaggedTensor, inputs: Mapping[str, TableInput]) -> dict[str, torch.Tensor]:
+    """Per logical table: the weights of its ids (`kjt` in the layout's feature order)."""
+    return dict(zip(inputs, kjt.weights().split([sum(i.sizes) for i in inputs.values()])))
+
+
 def physical_inputs(
-    inputs: Mapping[str, TableInput], remapped: Mapping[str, torch.Tensor], layout: Layout
+    inputs: Mapping[str, TableInput],
+    remapped: Mapping[str, torch.Tensor],
+    layout: Layout,
+    weights: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, KeyedJaggedTensor]:
-    """The input of every bucket's lookup: the remapped rows under the physical feature keys."""
+    """The input of every bucket's lookup: the remapped rows under the physical feature keys;
+    the pooled bucket's carries the ids' `weights` (per logical table) when given."""
+    weights = weights or {}
     values: dict[str, list[torch.Tensor]] = {b: [] for b in layout.bucket_keys}
     lengths: dict[str, list[torch.Tensor]] = {b: [] for b in layout.bucket_keys}
     per_id_counts: list[int] = []
+    pooled_weights: list[torch.Tensor] = []
     for piece in layout.pieces:
         values[piece.bucket].append(remapped[piece.table][piece.probe])
+        if piece.table in weights:
+            pooled_weights.append(weights[piece.table])
         if piece.bucket == PER_ID_BUCKET:
             per_id_counts.extend(inputs[piece.table].sizes)
         else:
@@ -105,7 +118,10 @@ def physical_inputs(
         lengths[PER_ID_BUCKET] = [one_id_bags(per_id_counts, device)]
     return {
         bucket: KeyedJaggedTensor(
-            keys=keys, values=torch.cat(values[bucket]), lengths=torch.cat(lengths[bucket])
+            keys=keys,
+            values=torch.cat(values[bucket]),
+            lengths=torch.cat(lengths[bucket]),
+            weights=torch.cat(pooled_weights) if pooled_weights and bucket == POOLED_BUCKET else None,
         )
         for bucket, keys in layout.bucket_keys.items()
     }

@@ -13,12 +13,15 @@ from torchrec import KeyedJaggedTensor
 from embtab.config import FeatureSpec, LogicalTable
 
 
-def canonical(kjt: KeyedJaggedTensor, order: list[str], features: dict[str, FeatureSpec]) -> KeyedJaggedTensor:
+def canonical(
+    kjt: KeyedJaggedTensor, order: list[str], features: dict[str, FeatureSpec], weighted: bool = False
+) -> KeyedJaggedTensor:
     """`kjt` checked and with its keys in `order` (the tables' feature order).
 
     Raises:
         ValueError: an unknown or missing feature, lengths that do not match the values,
-            non-integer ids, an empty bag of a feature that rejects them, or per-id weights.
+            non-integer ids, an empty bag of a feature that rejects them, or per-id weights
+            present when not `weighted` (absent when `weighted`).
     """
     keys = kjt.keys()
     if keys != order:
@@ -29,8 +32,9 @@ def canonical(kjt: KeyedJaggedTensor, order: list[str], features: dict[str, Feat
         if missing:
             raise ValueError(f"feature {missing[0]!r} is missing from the input; expected features {order}")
     check_lengths(kjt, features)
-    if kjt.weights_or_none() is not None:
-        raise ValueError("weighted KeyedJaggedTensors are not supported; pass ids without weights")
+    if (kjt.weights_or_none() is not None) != weighted:
+        given = "with" if kjt.weights_or_none() is not None else "without"
+        raise ValueError(f"ids came {given} weights, but the tables were built with weighted={weighted}")
     if keys != order:
         kjt = kjt.permute([keys.index(k) for k in order])
     return kjt
