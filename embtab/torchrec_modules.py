@@ -92,10 +92,10 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         else:
             _check_no_methods(method, table_methods)
             groups = [_tables_of(spec, embeddings, self._device, is_weighted)]
+            _check_pooled(groups[0])
             self._configs = bag_configs(groups[0])
         self.groups = nn.ModuleList(groups)
         for group in groups:
-            _check_pooled(group)
             if group.weighted != is_weighted:
                 raise ValueError(
                     f"is_weighted={is_weighted} but the given EmbeddingTables were built with "
