@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
-from torchrec import KeyedJaggedTensor
+from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
+from torchrec.models.dlrm import DLRM
 
 import embtab
 from embtab.config import EmbeddingSpec, FeatureSpec
@@ -155,6 +156,68 @@ def _all_cases(rank: int, world: int) -> None:
 
 def test_every_method_and_sharding_type_matches_one_process():
     run_ranks(_all_cases, 2)
+
+
+def _torchrec_dlrm() -> DLRM:
+    """torchrec's own DLRM whose collection is embtab's: QR tables, one hashed table."""
+    configs = [
+        EmbeddingBagConfig(name=f"t_{f.name}", embedding_dim=DIM, num_embeddings=f.cardinality, feature_names=[f.name])
+        for f in FEATURES
+        if f.pooling == "sum"
+    ]
+    ebc = embtab.CompressedEmbeddingBagCollection(
+        tables=configs, method=QREmbedding(collisions=6, operation="add"), table_methods={"t_city": HashingTrick(rows=8)}
+    )
+    return DLRM(ebc, dense_in_features=3, dense_arch_layer_sizes=[8, DIM], over_arch_layer_sizes=[8, 1])
+
+
+def _check_torchrec_dlrm(rank: int, world: int, sharding: str) -> None:
+    models = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        models.append(_torchrec_dlrm())
+    model, reference = models
+    features = [f for f in FEATURES if f.pooling == "sum"]
+    kjt = random_kjt(features, batch=BATCH, seed=3)
+    dense_input = torch.randn(BATCH, 3, generator=torch.Generator().manual_seed(5))
+    target = torch.randn(BATCH, generator=torch.Generator().manual_seed(4))
+
+    ref_logits = reference(dense_input, kjt).squeeze(1)
+    ((ref_logits - target) ** 2).mean().backward()
+    ref_grad = reference.over_arch.model[1].weight.grad.clone()
+    torch.optim.SGD(reference.parameters(), lr=LR).step()
+
+    constraints = ShardingConstraints(default_types=(sharding,), column_shard_width=4)
+    dmp = embtab.fuse(
+        model, embtab.SparseOptimizer("sgd", lr=LR), process_group=torch.distributed.group.WORLD, constraints=constraints
+    )
+    dense = torch.optim.SGD(embtab.dense_parameters(dmp), lr=LR)
+    lo, hi = (0, 5) if rank == 0 else (5, BATCH)
+    logits = dmp(dense_input[lo:hi], slice_batch(kjt, lo, hi)).squeeze(1)
+    global_mean((logits - target[lo:hi]) ** 2, BATCH, world).backward()
+    grad = next(p.grad for n, p in dmp.named_parameters() if n.endswith("over_arch.model.1.weight"))
+    dense.step()
+
+    torch.testing.assert_close(logits, ref_logits[lo:hi].detach(), atol=1e-5, rtol=0, msg=f"forward: {sharding}")
+    torch.testing.assert_close(grad, ref_grad, atol=1e-5, rtol=0, msg=f"gradient: {sharding}")
+    state = dmp.state_dict()
+    compared = 0
+    for key, whole in reference.state_dict().items():
+        if key in state:
+            compared += 1
+            for ours, theirs in _local_part(state[key], whole):
+                torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0, msg=f"{key}: {sharding}")
+    assert compared == len(reference.state_dict())
+
+
+def _torchrec_dlrm_cases(rank: int, world: int) -> None:
+    for sharding in ("table_wise", "column_wise", "table_column_wise", "data_parallel"):
+        _check_torchrec_dlrm(rank, world, sharding)
+
+
+def test_torchrec_dlrm_on_embtab_tables_matches_one_process():
+    """torchrec's DLRM built on `CompressedEmbeddingBagCollection` shards like embtab's own models."""
+    run_ranks(_torchrec_dlrm_cases, 2)
 
 
 def _fused(model: Head, kind: str, pooled: str, per_id: str, group=None):
