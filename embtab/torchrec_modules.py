@@ -111,6 +111,10 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Pooled vectors ``[B, sum of widths]`` of every feature of the configs, in their order."""
+        return _pooled_lookup(self, features)
+
+    def lookup(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        """The forward pass itself (see `_pooled_lookup`)."""
         outputs = [group(_select(features, group.feature_names)).pooled for group in self.groups]
         if len(outputs) == 1:
             return outputs[0]  # type: ignore[return-value]
@@ -180,6 +184,10 @@ class CompressedEmbeddingCollection(EmbeddingCollectionInterface):
 
     def forward(self, features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
         """One `JaggedTensor` of vectors per feature, keyed by feature, in the configs' order."""
+        return _sequence_lookup(self, features)
+
+    def lookup(self, features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
+        """The forward pass itself (see `_sequence_lookup`)."""
         kjt = _select(features, self.tables.feature_names)
         sequence = self.tables(kjt).sequence
         if not self._need_indices:
@@ -209,6 +217,21 @@ class CompressedEmbeddingCollection(EmbeddingCollectionInterface):
     @property
     def device(self) -> torch.device:
         return self._device
+
+
+# The forward passes are opaque calls to torch.fx, as a sharded torchrec collection is: remap,
+# validation and combine branch on the data, which symbolic tracing (torchrec's train pipelines
+# trace the model to find its sharded modules) cannot follow.
+def _pooled_lookup(module: CompressedEmbeddingBagCollection, features: KeyedJaggedTensor) -> KeyedTensor:
+    return module.lookup(features)
+
+
+def _sequence_lookup(module: CompressedEmbeddingCollection, features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
+    return module.lookup(features)
+
+
+torch.fx.wrap("_pooled_lookup")
+torch.fx.wrap("_sequence_lookup")
 
 
 # --------------------------------------------------------------------------------- torchrec -> embtab

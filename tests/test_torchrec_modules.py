@@ -17,12 +17,14 @@ from torchrec import (
     KeyedTensor,
     PoolingType,
 )
+from torchrec.datasets.utils import Batch
 from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.types import ShardingEnv
 from torchrec.models.deepfm import SimpleDeepFMNN
-from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRM_Projection
+from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRM_Projection, DLRMTrain
 from torchrec.models.experimental.transformerdlrm import DLRM_Transformer
 from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
@@ -357,3 +359,35 @@ def test_weighted_ids_name_the_method_that_cannot_take_them():
         weighted(kjt)
     with pytest.raises(ValueError, match="ids came with weights, but the tables were built with weighted=False"):
         CompressedEmbeddingBagCollection(tables=bag_configs())(_weighted(kjt, seed=8))
+
+
+# ------------------------------------------------------------------------------ train pipeline
+def _pipeline_model() -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    ebc = CompressedEmbeddingBagCollection(tables=bag_configs(), method=QREmbedding(collisions=4, operation="add"))
+    dmp = embtab.fuse(DLRMTrain(DLRM(ebc, DENSE, [16, DIM], [16, 1])), embtab.SparseOptimizer("rowwise_adagrad", lr=LR))
+    return dmp, torch.optim.SGD(embtab.dense_parameters(dmp), lr=LR)
+
+
+def test_torchrec_train_pipeline_trains_like_a_plain_loop():
+    """torchrec's TrainPipelineSparseDist runs a model on embtab tables (CPU) and takes exactly the
+    steps of a plain loop. It pipelines nothing: a sharded collection is overlapped only when its
+    input is the batch's own KeyedJaggedTensor, and embtab's collections look up remapped ids."""
+    batches = [Batch(dense_features=d, sparse_features=s, labels=y) for s, d, y in map(batch, range(4))]
+    dmp, optimizer = _pipeline_model()
+    pipeline = TrainPipelineSparseDist(dmp, optimizer, torch.device("cpu"))
+    remaining = iter(batches)
+    pipelined = [pipeline.progress(remaining)[0] for _ in batches]
+    assert pipeline._pipelined_modules == []
+
+    dmp_plain, optimizer_plain = _pipeline_model()
+    plain = []
+    for item in batches:
+        optimizer_plain.zero_grad()
+        loss, _ = dmp_plain(item)
+        loss.backward()
+        optimizer_plain.step()
+        plain.append(loss.detach())
+    torch.testing.assert_close(torch.stack(pipelined), torch.stack(plain), rtol=0, atol=1e-6)
+    for name, weight in physical_weights(dmp_plain).items():
+        torch.testing.assert_close(physical_weights(dmp)[name], weight, rtol=0, atol=1e-6)
