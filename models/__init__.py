@@ -1,4 +1,5 @@
-"""CTR models over embtab tables: DIN, its Embedding&MLP base model, DLRM, and their layers.
+"""CTR models over embtab tables: DIN, its Embedding&MLP base model, DLRM, torchrec's own DLRM,
+and their layers.
 
 Every model takes an `embtab.EmbeddingTables` (built by the caller) and maps
 ``(sparse: KeyedJaggedTensor, dense: Tensor [B, n_dense])`` to logits ``[B]``.
@@ -19,8 +20,14 @@ from models.din import DIN, BehaviourModel, EmbeddingMLP
 from models.dlrm import DLRM
 from models.layers import MLP, AttentionUnit, Dice
 from models.regularization import MiniBatchAwareL2
+from models.torchrec_models import TorchrecDLRM
 
-MODELS: dict[str, type[nn.Module]] = {"din": DIN, "embedding_mlp": EmbeddingMLP, "dlrm": DLRM}
+MODELS: dict[str, type[nn.Module]] = {
+    "din": DIN,
+    "embedding_mlp": EmbeddingMLP,
+    "dlrm": DLRM,
+    "torchrec_dlrm": TorchrecDLRM,
+}
 
 
 def build_model(name: str, embeddings: EmbeddingTables, **kwargs: Any) -> nn.Module:
@@ -40,5 +47,6 @@ __all__ = [
     "MLP",
     "MODELS",
     "MiniBatchAwareL2",
+    "TorchrecDLRM",
     "build_model",
 ]

@@ -58,6 +58,19 @@ def test_a_run_reports_every_figure_and_a_budget_sizes_the_method(tmp_path):
         run({**TINY, "train": {"epoch": 1}}, tmp_path / "bad")
 
 
+def test_torchrecs_own_dlrm_runs_from_its_model_name(tmp_path):
+    """``model.name = "torchrec_dlrm"``: torchrec's DLRM, unchanged, over compressed embtab tables;
+    with the full table it scores what embtab's DLRM scores (same arches, same seed)."""
+    torchrec_model = {"name": "torchrec_dlrm", "bottom_hidden": [16], "top_hidden": [16]}
+    full = run({**TINY, "model": torchrec_model}, tmp_path / "full")
+    reference = run(TINY, tmp_path / "embtab")
+    assert full["model"] == "torchrec_dlrm" and full["test_auc"] > 0.55
+    assert full["test_auc"] == pytest.approx(reference["test_auc"], abs=1e-6)
+    assert full["total_parameters"] == reference["total_parameters"]
+    qr = run({**TINY, "model": torchrec_model, "embedding": {"dim": 8, "method": {"name": "qr", "collisions": 4}}}, tmp_path / "qr")
+    assert qr["embedding_bytes"] < full["embedding_bytes"] / 2 and qr["test_auc"] > 0.5
+
+
 def _distributed_run(rank: int, world: int, config: dict, out: str) -> None:
     import torch.distributed as dist
 
