@@ -33,6 +33,8 @@ import embtab
 from embtab import CompressedEmbeddingBagCollection, CompressedEmbeddingCollection
 from embtab.methods import METHODS
 from embtab.methods.hashing_trick import HashingTrick
+from embtab.methods.managed_collision import ManagedCollision
+from embtab.methods.multiplex import Multiplexed
 from embtab.methods.multi_hash import MultiHash
 from embtab.methods.qr import QREmbedding
 from embtab.shard import copy_into_shards, physical_weights, single_process_group
@@ -297,6 +299,8 @@ WEIGHTED_METHODS = {
     "multi_hash": MultiHash(rows=8, hashes=2),
     "qr_add": QREmbedding(collisions=4, operation="add"),
     "qr_concat": QREmbedding(collisions=4, operation="concat"),
+    "multiplex": Multiplexed(rows=24),
+    "managed_collision": ManagedCollision(rows=16),
 }
 
 
