@@ -353,9 +353,9 @@ def test_weighted_ids_pool_with_their_weights(method):
 
 def test_weighted_ids_name_the_method_that_cannot_take_them():
     mult = QREmbedding(collisions=4, operation="mult")
-    with pytest.raises(ValueError, match="table 'user'.*QREmbedding\\(.*operation='mult'"):
+    with pytest.raises(ValueError, match="table 'user': weighted ids need a method whose combine commutes.*QREmbedding\\(.*operation='mult'"):
         CompressedEmbeddingBagCollection(tables=bag_configs(), table_methods={"t_user": mult}, is_weighted=True)
-    with pytest.raises(ValueError, match="table 'item'.*not sum-pooled"):
+    with pytest.raises(ValueError, match="table 'item': weighted ids need sum pooling; features \\['item'\\] are not"):
         CompressedEmbeddingBagCollection(tables=bag_configs(mean=True), is_weighted=True)
     kjt = random_kjt(FEATURES, batch=BATCH, seed=7)
     weighted = CompressedEmbeddingBagCollection(tables=bag_configs(), is_weighted=True)
