@@ -121,13 +121,13 @@ def test_dlrm_rejects_mixed_widths(monkeypatch):
 
 
 def test_registry_builds_each_model_and_rejects_unknown_names():
-    assert set(MODELS) == {"din", "embedding_mlp", "dlrm"}
+    assert set(MODELS) == {"din", "embedding_mlp", "dlrm", "torchrec_dlrm"}
     tables = tables_of(CRITEO_LIKE)
     assert isinstance(build_model("dlrm", tables, dense_dim=3), DLRM)
     seq = tables_of(SEQUENCE_FEATURES)
     model = build_model("embedding_mlp", seq, query_features=("item_id",), history_features=("hist_item_ids",))
     assert isinstance(model, EmbeddingMLP)
-    message = r"unknown model 'dien'; expected one of \['din', 'dlrm', 'embedding_mlp'\]"
+    message = r"unknown model 'dien'; expected one of \['din', 'dlrm', 'embedding_mlp', 'torchrec_dlrm'\]"
     with pytest.raises(ValueError, match=message):
         build_model("dien", tables)
 
