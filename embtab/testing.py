@@ -90,16 +90,18 @@ def _rank_main(rank: int, world_size: int, store_path: str, fn: Callable[..., No
 
 
 def slice_batch(kjt: KeyedJaggedTensor, start: int, stop: int) -> KeyedJaggedTensor:
-    """Samples ``start:stop`` of every feature of `kjt` (a rank's part of a global batch)."""
+    """Samples ``start:stop`` of every feature of `kjt` (a rank's part of a global batch), with
+    their weights if `kjt` has them."""
     batch = kjt.stride()
     lengths = kjt.lengths().view(len(kjt.keys()), batch)
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.flatten().cumsum(0)])
-    values = [
-        kjt.values()[offsets[k * batch + start] : offsets[k * batch + stop]]
-        for k in range(len(kjt.keys()))
-    ]
+    spans = [(offsets[k * batch + start], offsets[k * batch + stop]) for k in range(len(kjt.keys()))]
+    weights = kjt.weights_or_none()
     return KeyedJaggedTensor.from_lengths_sync(
-        keys=kjt.keys(), values=torch.cat(values), lengths=lengths[:, start:stop].flatten()
+        keys=kjt.keys(),
+        values=torch.cat([kjt.values()[a:b] for a, b in spans]),
+        lengths=lengths[:, start:stop].flatten(),
+        weights=None if weights is None else torch.cat([weights[a:b] for a, b in spans]),
     )
 
 

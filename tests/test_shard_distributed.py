@@ -158,7 +158,7 @@ def test_every_method_and_sharding_type_matches_one_process():
     run_ranks(_all_cases, 2)
 
 
-def _torchrec_dlrm() -> DLRM:
+def _torchrec_dlrm(weighted: bool) -> DLRM:
     """torchrec's own DLRM whose collection is embtab's: QR tables, one hashed table."""
     configs = [
         EmbeddingBagConfig(name=f"t_{f.name}", embedding_dim=DIM, num_embeddings=f.cardinality, feature_names=[f.name])
@@ -166,19 +166,25 @@ def _torchrec_dlrm() -> DLRM:
         if f.pooling == "sum"
     ]
     ebc = embtab.CompressedEmbeddingBagCollection(
-        tables=configs, method=QREmbedding(collisions=6, operation="add"), table_methods={"t_city": HashingTrick(rows=8)}
+        tables=configs,
+        method=QREmbedding(collisions=6, operation="add"),
+        table_methods={"t_city": HashingTrick(rows=8)},
+        is_weighted=weighted,
     )
     return DLRM(ebc, dense_in_features=3, dense_arch_layer_sizes=[8, DIM], over_arch_layer_sizes=[8, 1])
 
 
-def _check_torchrec_dlrm(rank: int, world: int, sharding: str) -> None:
+def _check_torchrec_dlrm(rank: int, world: int, sharding: str, weighted: bool) -> None:
     models = []
     for _ in range(2):
         torch.manual_seed(7)
-        models.append(_torchrec_dlrm())
+        models.append(_torchrec_dlrm(weighted))
     model, reference = models
     features = [f for f in FEATURES if f.pooling == "sum"]
     kjt = random_kjt(features, batch=BATCH, seed=3)
+    if weighted:
+        weights = torch.rand(kjt.values().numel(), generator=torch.Generator().manual_seed(6))
+        kjt = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values(), lengths=kjt.lengths(), weights=weights)
     dense_input = torch.randn(BATCH, 3, generator=torch.Generator().manual_seed(5))
     target = torch.randn(BATCH, generator=torch.Generator().manual_seed(4))
 
@@ -198,7 +204,7 @@ def _check_torchrec_dlrm(rank: int, world: int, sharding: str) -> None:
     grad = next(p.grad for n, p in dmp.named_parameters() if n.endswith("over_arch.model.1.weight"))
     dense.step()
 
-    torch.testing.assert_close(logits, ref_logits[lo:hi].detach(), atol=1e-5, rtol=0, msg=f"forward: {sharding}")
+    torch.testing.assert_close(logits, ref_logits[lo:hi].detach(), atol=1e-5, rtol=0, msg=f"forward: {sharding}, weighted={weighted}")
     torch.testing.assert_close(grad, ref_grad, atol=1e-5, rtol=0, msg=f"gradient: {sharding}")
     state = dmp.state_dict()
     compared = 0
@@ -212,11 +218,13 @@ def _check_torchrec_dlrm(rank: int, world: int, sharding: str) -> None:
 
 def _torchrec_dlrm_cases(rank: int, world: int) -> None:
     for sharding in ("table_wise", "column_wise", "table_column_wise", "data_parallel"):
-        _check_torchrec_dlrm(rank, world, sharding)
+        _check_torchrec_dlrm(rank, world, sharding, weighted=False)
+    _check_torchrec_dlrm(rank, world, "column_wise", weighted=True)  # fbgemm's weighted kernel, sharded
 
 
 def test_torchrec_dlrm_on_embtab_tables_matches_one_process():
-    """torchrec's DLRM built on `CompressedEmbeddingBagCollection` shards like embtab's own models."""
+    """torchrec's DLRM built on `CompressedEmbeddingBagCollection` shards like embtab's own models,
+    with weighted ids too."""
     run_ranks(_torchrec_dlrm_cases, 2)
 
 
