@@ -179,7 +179,7 @@ class CompressedEmbeddingCollection(EmbeddingCollectionInterface):
                 f"an EmbeddingCollection returns one vector per id; features {pooled} are pooled "
                 "(expected pooling='none'); use CompressedEmbeddingBagCollection for them"
             )
-        self._dim = self.tables.spec.dim
+        self._dim = self._configs[0].embedding_dim
         self._names_by_table = [list(c.feature_names) for c in self._configs]
 
     def forward(self, features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
