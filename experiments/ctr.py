@@ -21,6 +21,7 @@ from __future__ import annotations
 import ast
 import copy
 import json
+import math
 import tomllib
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -33,10 +34,12 @@ import embtab
 from embtab.budget import solve_budget
 from embtab.methods import METHODS
 from data import DatasetSplits, load_dataset
+from data.registry import loader_of
+from embtab.checks import check_call, check_field_types, check_keys
 from embtab.shard import ShardingConstraints
 from experiments.common import is_writer, join_torchrun, parser, write_json
 from experiments.engine import TrainConfig, Trainer
-from models import build_model
+from models import MODELS, build_model
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "data": {"name": "movielens"},
@@ -46,6 +49,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 PLACEHOLDER_SIZE = 64
+SECTIONS = ("data", "model", "embedding", "train", "sharding")
+EMBEDDING_KEYS = ("dim", "method", "table_methods", "budget_bytes", "budget_min_fill")
 
 FLAGS = {
     "dataset": ("data", "name", str),
@@ -87,11 +92,17 @@ def parse_value(text: str) -> Any:
 
 
 def load_config(path: str | None, overrides: list[str], flags: dict[str, Any]) -> dict[str, Any]:
+    """The defaults, updated by the TOML file at `path`, the command-line `flags` and the
+    ``--set`` `overrides` (in that order), then checked (`check_config`)."""
     config = copy.deepcopy(DEFAULTS)
     if path:
         with open(path, "rb") as f:
-            for section, table in tomllib.load(f).items():
-                config.setdefault(section, {}).update(table)
+            loaded = tomllib.load(f)
+        check_keys(loaded, SECTIONS, f"{path}: sections")
+        for section, table in loaded.items():
+            if not isinstance(table, dict):
+                raise ValueError(f"{path}: {section} = {table!r}, expected a [{section}] table")
+            config.setdefault(section, {}).update(table)
     for name, (section, key, _) in FLAGS.items():
         if flags.get(name) is not None:
             set_dotted(config[section], key, flags[name])
@@ -100,14 +111,52 @@ def load_config(path: str | None, overrides: list[str], flags: dict[str, Any]) -
             raise ValueError(f"--set expects section.key=value, got {item!r}")
         key, value = item.split("=", 1)
         set_dotted(config, key.strip(), parse_value(value.strip()))
+    check_config(config)
     return config
 
 
+def check_config(config: dict[str, Any]) -> None:
+    """Reject, before any work, unknown sections and keys and ill-typed or out-of-range values
+    of every layer, naming the key: [train] (`TrainConfig`), [embedding] (its keys, the budget,
+    the method's fields), [model] (the model's constructor) and [data] (the dataset's loader)."""
+    check_keys(config, SECTIONS, "configuration sections")
+    for section in ("data", "model"):
+        if not isinstance(config.get(section), dict) or not isinstance(config[section].get("name"), str):
+            raise ValueError(f"[{section}]: expected a table with a name, got {config.get(section)!r}")
+    train_config(config.get("train", {}))
+    embedding = config.get("embedding", {})
+    check_keys(embedding, EMBEDDING_KEYS, "[embedding]")
+    _budget(embedding)
+    settings = dict(config["model"])
+    name = settings.pop("name")
+    if name not in MODELS:
+        raise ValueError(f"[model]: unknown model {name!r}; expected one of {sorted(MODELS)}")
+    check_call(MODELS[name], {"embeddings": None, **settings}, f"[model] {name}")
+    data = {k: v for k, v in config["data"].items() if k not in ("name", "validation_in_train")}
+    if not isinstance(config["data"].get("validation_in_train", False), bool):
+        raise ValueError(f"[data]: validation_in_train = {config['data']['validation_in_train']!r}, expected true or false")
+    check_call(loader_of(config["data"]["name"])[0], data, f"[data] {config['data']['name']}")
+
+
+def _budget(embedding: dict[str, Any]) -> tuple[int | None, float]:
+    """The [embedding] budget in bytes (None: no budget) and its minimum fill, checked."""
+    budget = embedding.get("budget_bytes")
+    if budget is not None:
+        integral = isinstance(budget, (int, float)) and not isinstance(budget, bool) and math.isfinite(budget)
+        if not integral or budget != int(budget) or budget < 1:
+            raise ValueError(
+                f"[embedding]: budget_bytes = {budget!r}, expected a whole number of bytes >= 1 "
+                "(leave it out for no budget)"
+            )
+        budget = int(budget)
+    min_fill = embedding.get("budget_min_fill", 0.9)
+    if not isinstance(min_fill, (int, float)) or isinstance(min_fill, bool) or not 0 < min_fill <= 1:
+        raise ValueError(f"[embedding]: budget_min_fill = {min_fill!r}, expected a fraction in (0, 1]")
+    return budget, float(min_fill)
+
+
 def train_config(table: dict[str, Any]) -> TrainConfig:
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(table) - known)
-    if unknown:
-        raise ValueError(f"unknown [train] keys {unknown}; expected some of {sorted(known)}")
+    check_keys(table, [f.name for f in fields(TrainConfig)], "[train]")
     return TrainConfig(**table)
 
 
@@ -115,16 +164,21 @@ def embedding_spec(
     table: dict[str, Any], splits: DatasetSplits, optimizer: embtab.SparseOptimizer
 ) -> embtab.EmbeddingSpec:
     """The dataset's features with the configured width and method (sized to a budget if one is set)."""
-    settings = dict(table)
-    budget = settings.pop("budget_bytes", None)
-    min_fill = float(settings.pop("budget_min_fill", 0.9))
-    if budget:
+    check_keys(table, EMBEDDING_KEYS, "[embedding]")
+    budget, min_fill = _budget(table)
+    settings = {k: v for k, v in table.items() if k not in ("budget_bytes", "budget_min_fill")}
+    if budget is not None:
         settings["method"] = _with_placeholder_size(settings.get("method", {"name": "full"}))
-    spec = embtab.EmbeddingSpec.from_dict(
-        {**settings, "features": [asdict(f) for f in splits.feature_specs()]}
-    )
-    if budget:
-        spec = solve_budget(spec, int(budget), optimizer, min_fill=min_fill).spec
+    try:
+        spec = embtab.EmbeddingSpec.from_dict(
+            {**settings, "features": [asdict(f) for f in splits.feature_specs()]}
+        )
+    except TypeError as err:  # a method table with a key its spec lacks
+        raise ValueError(f"[embedding]: {err}") from err
+    for where, method in (("method", spec.method), *((f"table_methods.{n}", m) for n, m in spec.table_methods)):
+        check_field_types(method, f"[embedding.{where}] {method.name}")
+    if budget is not None:
+        spec = solve_budget(spec, budget, optimizer, min_fill=min_fill).spec
     return spec
 
 
@@ -169,6 +223,7 @@ def run(
 
     With a `process_group` of several ranks, every rank calls this; rank 0 writes the files."""
     out_dir = Path(out_dir)
+    check_config(config)
     train = train_config(config.get("train", {}))
     torch.manual_seed(train.seed)
     data_settings = dict(config["data"])
@@ -191,6 +246,7 @@ def run(
         stop_after_steps=stop_after_steps,
         process_group=process_group,
         constraints=sharding_constraints(config.get("sharding", {})),
+        described={section: config[section] for section in ("data", "model", "embedding")},
     )
     if trainer.world > 1 and is_writer():
         print(f"sharding plan over {trainer.world} ranks:\n{trainer.plan}")

@@ -54,7 +54,7 @@ def test_a_run_reports_every_figure_and_a_budget_sizes_the_method(tmp_path):
     assert (
         0.9 * summary["embedding_bytes"] // 4 <= small["embedding_bytes"] <= summary["embedding_bytes"] // 4
     )
-    with pytest.raises(ValueError, match="unknown \\[train\\] keys \\['epoch'\\]"):
+    with pytest.raises(ValueError, match="\\[train\\]: unknown keys \\['epoch'\\]"):
         run({**TINY, "train": {"epoch": 1}}, tmp_path / "bad")
 
 

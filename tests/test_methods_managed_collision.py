@@ -8,7 +8,7 @@ from torchrec.modules.mc_modules import MCHManagedCollisionModule
 import embtab
 from embtab.methods import METHODS, method_from_dict
 from embtab.methods.managed_collision import ManagedCollision, ManagedCollisionMethod, attach_row_reset
-from embtab.shard import load_training_state, training_state
+from embtab.checkpoint import load_training_state, training_state
 
 FEATURES = (
     embtab.FeatureSpec("user", 1000),

@@ -11,7 +11,8 @@ from embtab.methods.full import FullTable
 from embtab.methods.offloaded import Offloaded
 from embtab.offload import MmapStore, Prefetcher, RamStore, attach, state_width_of
 from embtab.offload.policy import make_policy
-from embtab.shard import load_training_state, physical_weights, training_state
+from embtab.checkpoint import load_training_state, training_state
+from embtab.shard import physical_weights
 from embtab.testing import random_kjt
 
 ROWS, DIM, CACHE, STEPS = 2000, 8, 300, 16

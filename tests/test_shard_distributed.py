@@ -19,7 +19,8 @@ from embtab.methods.multi_hash import MultiHash
 from embtab.methods.hashing_trick import HashingTrick
 from embtab.methods.multiplex import multiplex
 from embtab.methods.qr import QREmbedding
-from embtab.shard import ShardingConstraints, global_mean, load_training_state, training_state
+from embtab.checkpoint import load_training_state, training_state
+from embtab.shard import ShardingConstraints, global_mean
 from embtab.testing import random_kjt, run_ranks, slice_batch
 
 FEATURES = (
