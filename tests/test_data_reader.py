@@ -159,7 +159,7 @@ def test_vocabulary_ids_and_round_trip(tmp_path: Path) -> None:
     [
         ("u0,2,", "u0,2,x,", r"toy.csv, line 9: 8 fields separated by ',', expected 7"),
         ("3.0,1,7\n", "3.0,1\n", r"toy.csv, line 9: 6 fields separated by ',', expected 7"),
-        ("\n", "\n\n", r"toy.csv, line 2: 0 fields"),
+        ("\n", "\n\n", r"toy.csv, line 2: blank line inside the data"),
         (
             "1.0,1,1\n",
             "1.0,yes,1\n",
