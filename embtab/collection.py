@@ -278,6 +278,8 @@ class EmbeddingTables(nn.Module):
 
     # ----------------------------------------------------------------------------- forward
     def forward(self, features: KeyedJaggedTensor) -> EmbeddingOutput:
+        if features.lengths().numel() == 0:
+            raise ValueError(f"empty batch: features {features.keys()} hold 0 samples; expected at least one")
         kjt = self._canonical(features)
         stride = kjt.stride()
         table_inputs = self._table_inputs(kjt)
