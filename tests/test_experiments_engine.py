@@ -95,3 +95,11 @@ def test_offloaded_tables_train_through_the_engine_and_resume_exactly(splits, tm
     assert resumed_result["test_auc"] == pytest.approx(whole_result["test_auc"], abs=1e-6)
     for name, store in whole.stores.items():
         torch.testing.assert_close(resumed.stores[name].weights, store.weights, rtol=0, atol=1e-6)
+
+
+def test_an_offload_cache_too_small_for_the_evaluation_batch_is_refused_at_start(splits, tmp_path):
+    """Training batches of 32 samples x 4 fields fit 300 rows; evaluation batches of 400 do not."""
+    config = TrainConfig(**{**CONFIG.__dict__, "batch_size": 32, "eval_batch_size": 4000})
+    with pytest.raises(ValueError, match=r"offload cache 'offload_cache' has 300 rows \(cache_rows\) .*lower \[train\] eval_batch_size"):
+        Trainer(build_offloaded(splits, 300), splits, config, tmp_path / "run")
+    assert not (tmp_path / "run" / CHECKPOINT).exists()

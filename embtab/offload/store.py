@@ -263,10 +263,10 @@ class MmapStore(RowStore):
             named = _file_identity(os.stat(self.path))
         except FileNotFoundError:
             named = None
-        if mapped.st_nlink == 0 or named is None:
-            problem = "was deleted"
-        elif named != self._identity:
+        if named is not None and named != self._identity:
             problem = "was replaced by another file"
+        elif mapped.st_nlink == 0 or named is None:
+            problem = "was deleted"
         elif mapped.st_size < expected:
             problem = f"was truncated to {mapped.st_size} of {expected} bytes"
         else:
