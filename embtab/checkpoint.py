@@ -163,10 +163,14 @@ def training_state(dmp: DistributedModelParallel) -> dict[str, dict[str, torch.T
     kept per column shard is saved as its mean over the shards (its value for the whole row), so a
     checkpoint loads into any number of ranks and any plan.
     """
-    group = dmp._env.process_group
     with quiet_torchrec():
-        model = gathered(dmp.state_dict(), group)
-        sparse = gathered(sparse_optimizer_state(dmp), group)
+        return _training_state(dmp)
+
+
+def _training_state(dmp: DistributedModelParallel) -> dict[str, dict[str, torch.Tensor]]:
+    group = dmp._env.process_group
+    model = gathered(dmp.state_dict(), group)
+    sparse = gathered(sparse_optimizer_state(dmp), group)
     if model is None or sparse is None:
         return {"model": {}, "sparse_optimizer": {}}
     rows = {k: v.size(0) for k, v in model.items() if v.dim() == 2}
@@ -182,9 +186,13 @@ def load_training_state(dmp: DistributedModelParallel, state: dict[str, dict[str
 
     Every key and shape is checked before anything is copied: a mismatched checkpoint changes nothing.
     """
-    group = dmp._env.process_group
     with quiet_torchrec():
-        weights, sparse = dmp.state_dict(), sparse_optimizer_state(dmp)
+        _load_training_state(dmp, state)
+
+
+def _load_training_state(dmp: DistributedModelParallel, state: dict[str, dict[str, torch.Tensor]]) -> None:
+    group = dmp._env.process_group
+    weights, sparse = dmp.state_dict(), sparse_optimizer_state(dmp)
     sparse_sizes = union_sizes(sparse, group)
     rows = {k: v.size(0) for k, v in weights.items() if isinstance(v, ShardedTensor)}
     sparse_saved = {

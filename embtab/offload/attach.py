@@ -15,6 +15,7 @@ from embtab.methods.offloaded import OffloadedMethod
 from embtab.offload.cache import CacheStats, RowCache
 from embtab.offload.policy import make_policy
 from embtab.offload.store import ConcatStore, RowStore
+from embtab.shard import quiet_torchrec
 
 
 class Offload:
@@ -108,8 +109,9 @@ def attach(model: nn.Module, stores: Mapping[str, RowStore]) -> Offload:
     logical table to its store: cardinality rows of the table's width, with the fused
     optimizer's state per row.
     """
-    weights = {k: _local(v) for k, v in model.state_dict().items() if _is_table_weight(k)}
-    states = _optimizer_states(model)
+    with quiet_torchrec():
+        weights = {k: _local(v) for k, v in model.state_dict().items() if _is_table_weight(k)}
+        states = _optimizer_states(model)
     groups: dict[str, list[OffloadedMethod]] = {}
     for tables in (m for m in model.modules() if isinstance(m, EmbeddingTables)):
         for method in tables.methods.values():
