@@ -25,7 +25,7 @@ import math
 import tomllib
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
@@ -91,14 +91,17 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def load_config(path: str | None, overrides: list[str], flags: dict[str, Any]) -> dict[str, Any]:
+def load_config(
+    path: str | None, overrides: list[str], flags: dict[str, Any], sections: Sequence[str] = SECTIONS
+) -> dict[str, Any]:
     """The defaults, updated by the TOML file at `path`, the command-line `flags` and the
-    ``--set`` `overrides` (in that order), then checked (`check_config`)."""
+    ``--set`` `overrides` (in that order), then checked (`check_config`); `sections` are the
+    tables the file may hold (a command with a table of its own adds it)."""
     config = copy.deepcopy(DEFAULTS)
     if path:
         with open(path, "rb") as f:
             loaded = tomllib.load(f)
-        check_keys(loaded, SECTIONS, f"{path}: sections")
+        check_keys(loaded, sections, f"{path}: sections")
         for section, table in loaded.items():
             if not isinstance(table, dict):
                 raise ValueError(f"{path}: {section} = {table!r}, expected a [{section}] table")
@@ -111,15 +114,15 @@ def load_config(path: str | None, overrides: list[str], flags: dict[str, Any]) -
             raise ValueError(f"--set expects section.key=value, got {item!r}")
         key, value = item.split("=", 1)
         set_dotted(config, key.strip(), parse_value(value.strip()))
-    check_config(config)
+    check_config(config, sections)
     return config
 
 
-def check_config(config: dict[str, Any]) -> None:
+def check_config(config: dict[str, Any], sections: Sequence[str] = SECTIONS) -> None:
     """Reject, before any work, unknown sections and keys and ill-typed or out-of-range values
     of every layer, naming the key: [train] (`TrainConfig`), [embedding] (its keys, the budget,
     the method's fields), [model] (the model's constructor) and [data] (the dataset's loader)."""
-    check_keys(config, SECTIONS, "configuration sections")
+    check_keys(config, sections, "configuration sections")
     for section in ("data", "model"):
         if not isinstance(config.get(section), dict) or not isinstance(config[section].get("name"), str):
             raise ValueError(f"[{section}]: expected a table with a name, got {config.get(section)!r}")
