@@ -34,7 +34,7 @@ from embtab.methods.offloaded import OffloadedMethod
 from embtab.offload import Prefetcher, RamStore, attach, state_width_of
 from embtab.checkpoint import load_checkpoint, load_training_state, save_checkpoint, training_state
 from embtab.checks import check_field_types
-from embtab.files import FolderLock
+from embtab.files import FolderLock, atomic_write
 from embtab.shard import ShardingConstraints, embedding_tables_of, format_plan, global_mean
 
 CHECKPOINT = "checkpoint.pt"
@@ -367,7 +367,8 @@ class Trainer:
             }
         )
         if self.writes:
-            pl.DataFrame(state.history).write_csv(self.out_dir / METRICS)
+            history = pl.DataFrame(state.history)
+            atomic_write(self.out_dir / METRICS, history.write_csv)
         state.epoch += 1
         state.batch = 0
         if valid.auc > state.best_auc:
