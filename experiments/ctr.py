@@ -36,6 +36,7 @@ from embtab.methods import METHODS
 from data import DatasetSplits, load_dataset
 from data.registry import loader_of
 from embtab.checks import check_call, check_field_types, check_keys
+from embtab.files import FolderBusyError
 from embtab.shard import ShardingConstraints
 from experiments.common import is_writer, join_torchrun, parser, write_json
 from experiments.engine import TrainConfig, Trainer
@@ -293,9 +294,12 @@ def main() -> None:
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind)
     p.add_argument("--distributed", action="store_true", help="shard over the ranks torchrun starts")
     args = p.parse_args()
-    config = load_config(args.config, args.set, vars(args))
-    group = join_torchrun(config["train"].get("device", "cpu")) if args.distributed else None
-    summary = run(config, args.out, process_group=group)
+    try:
+        config = load_config(args.config, args.set, vars(args))
+        group = join_torchrun(config["train"].get("device", "cpu")) if args.distributed else None
+        summary = run(config, args.out, process_group=group)
+    except (ValueError, FolderBusyError) as error:  # bad input or a busy folder: the message says it all
+        raise SystemExit(f"experiments.ctr: {error}") from None
     if is_writer():
         print_summary(summary)
         print(json.dumps({k: summary[k] for k in ("test_auc", "test_logloss", "embedding_bytes")}))
