@@ -34,6 +34,10 @@ from embtab.shard import gathered, quiet_torchrec, shard_window, sparse_optimize
 
 MAGIC = b"EMBTAB-CHECKPOINT"
 VERSION = 1
+WHAT_TO_DO = (
+    "Restore it from a copy, or start over: delete it and the checkpoints written with it "
+    "(or use a fresh output folder)"
+)
 
 
 class CheckpointError(ValueError):
@@ -72,8 +76,7 @@ def load_checkpoint(
     if hashlib.sha256(body).hexdigest() != header.get("sha256") or len(body) != header.get("payload_bytes"):
         raise CheckpointError(
             f"checkpoint {path} is damaged: its contents do not match the checksum written with it "
-            f"({len(body)} of {header.get('payload_bytes')} payload bytes). Delete it to start over "
-            "(or restore it from a copy)"
+            f"({len(body)} of {header.get('payload_bytes')} payload bytes). {WHAT_TO_DO}"
         )
     if identity is not None:
         check_identity(header.get("identity", {}), identity, path, safe_to_change)
@@ -103,8 +106,7 @@ def _read(path: Path) -> tuple[dict[str, Any], bytes]:
         header = json.loads(line)
     except ValueError:
         raise CheckpointError(
-            f"checkpoint {path} is damaged: its header is not readable. Delete it to start over "
-            "(or restore it from a copy)"
+            f"checkpoint {path} is damaged: its header is not readable. {WHAT_TO_DO}"
         ) from None
     return header, body
 

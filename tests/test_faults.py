@@ -98,7 +98,7 @@ def test_a_damaged_checkpoint_is_named_with_what_to_do(finished, tmp_path, name,
     else:
         data = data[: len(data) * 2 // 3]
     (out / name).write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match=f"{name} is damaged.*Delete it to start over"):
+    with pytest.raises(CheckpointError, match=f"{name} is damaged.*Restore it from a copy, or start over"):
         run(with_(TINY, "train", epochs=2, patience=5), out)
 
 
