@@ -8,6 +8,13 @@ PY := $(VENV)/bin/python
 EMBTAB_DEVICE ?= cpu
 STAMP := $(VENV)/.installed-$(EMBTAB_DEVICE)
 OUT ?= results
+# Recipes run under bash with pipefail, so a filtered pip command still fails when pip fails.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+# pip reports torchrec's declared CUDA fbgemm-gpu, deliberately not installed (the CPU or CUDA build
+# is installed explicitly), as a dependency conflict: expected and harmless, so only those lines go.
+EXPECTED_PIP_NOISE := 2>&1 | sed -u -e '/dependency resolver does not currently take into account/d' \
+	-e '/This behaviour is the source of the following dependency conflicts/d' -e '/requires fbgemm-gpu==/d'
 # torch's and fbgemm's OpenMP threads must not spin against each other (see embtab/_threads.py).
 export OMP_WAIT_POLICY ?= PASSIVE
 
@@ -28,8 +35,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0 $(FBGEMM)
 	# torchrec declares the CUDA fbgemm-gpu as a dependency: install it alone, its real deps below.
-	$(PY) -m pip install --quiet --no-deps torchrec==1.8.0
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --no-deps torchrec==1.8.0 $(EXPECTED_PIP_NOISE)
+	$(PY) -m pip install --quiet -e '.[dev]' $(EXPECTED_PIP_NOISE)
 	rm -f $(VENV)/.installed-*
 	touch $@
 

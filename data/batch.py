@@ -9,8 +9,9 @@ never touches samples one at a time.
 from __future__ import annotations
 
 import functools
+import hashlib
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import polars as pl
@@ -113,6 +114,15 @@ class CTRDataset(Dataset):
     def feature_specs(self) -> tuple[FeatureSpec, ...]:
         """The sparse features, in the key order of every `Batch.sparse`."""
         return self._features
+
+    def fingerprint(self) -> str:
+        """A hash of the rows in order: labels, dense values and every feature's ids (and lengths),
+        so another file, seed or split gives another fingerprint."""
+        digest = hashlib.sha256(str((len(self), [f.name for f in self._features])).encode())
+        tensors = [self.labels, self.dense, self._single, *(t for pair in self._jagged.values() for t in pair)]
+        for tensor in tensors:
+            digest.update(tensor.contiguous().numpy().tobytes())
+        return digest.hexdigest()
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -243,6 +253,15 @@ class DatasetSplits:
     def dense_dim(self) -> int:
         """Number of dense features."""
         return self.train.dense_dim
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies this data (for checkpoints): name, vocabulary sizes, and per split its
+        size and a hash of its labels, dense values and ids."""
+        return {
+            "name": self.name,
+            "vocab_sizes": dict(self.vocab_sizes),
+            **{split: getattr(self, split).fingerprint() for split in ("train", "valid", "test")},
+        }
 
     def id_counts(self) -> dict[str, torch.Tensor]:
         """Occurrences of every id in the training split, per table (features sharing a table add up)."""

@@ -16,11 +16,9 @@ item in GroupLens order (unknown, Action, Adventure, ...), whatever the source.
 from __future__ import annotations
 
 import functools
-import os
 import subprocess
 import sys
 import tempfile
-import uuid
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +27,11 @@ from typing import Callable, Sequence
 import polars as pl
 
 from data.batch import DatasetSplits
-from data.cache import SPLITS, Processed, cache_key, data_root, fingerprint, load_or_build
+from data.cache import SPLITS, Processed, cache_key, data_root, entry_dir, fingerprint, load_or_build
 from data.reader import scan_lines
 from data.vocab import OOV_ID, Vocabulary
 from embtab.config import FeatureSpec
+from embtab.files import atomic_write_bytes
 
 GENRES: tuple[str, ...] = (
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
@@ -96,9 +95,7 @@ def ensure_movielens_100k(cache_dir: str | Path | None = None) -> Path:
             )
         with zipfile.ZipFile(wheels[0]) as wheel:
             for name in RECBOLE_FILES:
-                part = folder / f".{name}.{uuid.uuid4().hex}.part"
-                part.write_bytes(wheel.read(RECBOLE_MEMBER_DIR + name))
-                os.replace(part, folder / name)
+                atomic_write_bytes(folder / name, wheel.read(RECBOLE_MEMBER_DIR + name))
     return folder
 
 
@@ -137,9 +134,8 @@ def _load(
 ) -> DatasetSplits:
     if history_len < 1:
         raise ValueError(f"{name}: history_len must be >= 1, got {history_len}")
-    key = cache_key(name=name, sources=fingerprint(files), history_len=history_len)
-    directory = root / "processed" / f"{name}-{key}"
-    return load_or_build(directory, key, lambda: din_dataset(name, read(), history_len)).splits()
+    key = cache_key(dataset=name, sources=fingerprint(files), history_len=history_len)
+    return load_or_build(entry_dir(root, name, key), key, lambda: din_dataset(name, read(), history_len)).splits()
 
 
 def read_recbole_100k(folder: str | Path) -> MovieLensTables:

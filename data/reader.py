@@ -21,7 +21,7 @@ import numpy as np
 import polars as pl
 
 from data.batch import DatasetSplits
-from data.cache import SPLITS, Processed, cache_key, data_root, fingerprint, load_or_build
+from data.cache import SPLITS, Processed, cache_key, data_root, entry_dir, fingerprint, load_or_build
 from data.schema import ColumnSpec, Schema
 from data.vocab import Vocabulary
 from embtab.config import FeatureSpec
@@ -50,10 +50,9 @@ def read_dataset(
     for path in paths:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: data file of {schema.name!r} not found")
-    key = cache_key(schema=schema.to_dict(), sources=fingerprint(paths))
+    key = cache_key(dataset=schema.name, schema=schema.to_dict(), sources=fingerprint(paths))
     root = Path(cache_dir) if cache_dir is not None else data_root()
-    directory = root / "processed" / f"{schema.name}-{key}"
-    return load_or_build(directory, key, lambda: process(schema, paths)).splits()
+    return load_or_build(entry_dir(root, schema.name, key), key, lambda: process(schema, paths)).splits()
 
 
 def read_schema_dir(path: str | Path, cache_dir: str | Path | None = None) -> DatasetSplits:
@@ -72,6 +71,7 @@ def process(schema: Schema, paths: Sequence[Path]) -> Processed:
     scans = [_scan_checked(schema, path) for path in paths]
     rows = sum(n for _, n in scans)
     codes = split_codes(rows, schema.split, schema.seed)
+    _check_splits(schema, paths, codes)
     raw = pl.concat([lf for lf, _ in scans], how="vertical")
     dtypes = raw.collect_schema()
     prepared = raw.select(
@@ -87,6 +87,20 @@ def process(schema: Schema, paths: Sequence[Path]) -> Processed:
     dense = tuple(c.name for c in schema.dense)
     features = feature_specs(schema, vocabs)
     return Processed(schema.name, features, dense, schema.label.name, frames, (*vocabs.values(),))
+
+
+def _check_splits(schema: Schema, paths: Sequence[Path], codes: np.ndarray) -> None:
+    """Every split given a share must get rows: an empty file or split would only fail after
+    training (a split of fraction 0 is asked to be empty)."""
+    sizes = np.bincount(codes, minlength=len(SPLITS))
+    if not len(codes):
+        raise ValueError(f"{', '.join(map(str, paths))}: no data rows; expected at least one row per split")
+    empty = [split for split, size, share in zip(SPLITS, sizes, schema.split) if size == 0 and share > 0]
+    if empty:
+        raise ValueError(
+            f"schema {schema.name!r}: {len(codes)} rows split {list(schema.split)} leave the {empty} "
+            f"split(s) empty; expected rows in every split (more rows, or other split fractions)"
+        )
 
 
 def feature_specs(schema: Schema, vocabs: dict[str, Vocabulary]) -> tuple[FeatureSpec, ...]:
@@ -130,17 +144,19 @@ def _collect(lf: pl.LazyFrame, where: str) -> pl.DataFrame:
 def _scan_checked(schema: Schema, path: Path) -> tuple[pl.LazyFrame, int]:
     """A lazy scan of the declared columns of `path` (checked and validated) and its row count."""
     if schema.format == "parquet":
-        lf = pl.scan_parquet(path)
+        lf = pl.scan_parquet(path, glob=False)
         first_line = 0
     else:
         names = _text_columns(schema, path)
-        _check_field_counts(schema, path, len(names))
+        rows = _check_lines(schema, path, len(names))
         lf = pl.scan_csv(
             path,
             has_header=schema.has_header,
             separator=schema.field_separator,
             quote_char=schema.quote_char,
             schema={n: pl.String for n in names},
+            n_rows=rows,
+            glob=False,
         )
         first_line = 2 if schema.has_header else 1
     found = lf.collect_schema().names()
@@ -165,6 +181,7 @@ def _text_columns(schema: Schema, path: Path) -> list[str]:
         quote_char=schema.quote_char,
         infer_schema=False,
         n_rows=0,
+        glob=False,
     )
     try:
         return header.collect_schema().names()
@@ -172,31 +189,52 @@ def _text_columns(schema: Schema, path: Path) -> list[str]:
         raise ValueError(f"{path}: cannot read the header: {err}") from err
 
 
-def _check_field_counts(schema: Schema, path: Path, expected: int) -> None:
-    """Raise ValueError at the first line of `path` whose field count is not `expected`."""
+def _check_lines(schema: Schema, path: Path, expected: int) -> int:
+    """The number of data rows of `path` (blank lines at its end are not rows); ValueError at
+    the first line that is not UTF-8, is blank before the end, or does not have `expected`
+    fields."""
     sep = schema.field_separator
-    lines = scan_lines(path)
     line = pl.col("text")
     if schema.quote_char:
         q = re.escape(schema.quote_char)
         line = line.str.replace_all(f"{q}[^{q}]*{q}", "")
-    count = (line.str.count_matches(sep, literal=True) + 1).fill_null(0)
-    bad = lines.with_row_index("row").filter(count != expected)
-    if schema.has_header:
-        bad = bad.filter(pl.col("row") > 0)
-    first = _collect(bad.with_columns(fields=count).head(1), str(path))
-    if len(first):
-        row, text, fields = first.row(0)
+    count = line.str.count_matches(sep, literal=True) + 1
+    blank = pl.col("text").is_null()
+    first_data = 1 if schema.has_header else 0
+    wrong = (count != expected) & ~blank & (pl.col("row") >= first_data)
+    not_utf8 = pl.col("text").str.contains("\ufffd", literal=True)
+    lines = scan_lines(path).with_row_index("row")
+    found = _collect(
+        lines.select(
+            last=pl.col("row").filter(~blank).max(),
+            blank=pl.col("row").filter(blank).first(),
+            wrong=pl.col("row").filter(wrong).first(),
+            not_utf8=pl.col("row").filter(not_utf8).first(),
+        ),
+        str(path),
+    ).row(0, named=True)
+    last = -1 if found["last"] is None else found["last"]
+    if found["not_utf8"] is not None:
+        raise ValueError(f"{path}, line {found['not_utf8'] + 1}: invalid UTF-8 bytes; expected UTF-8 text")
+    if found["blank"] is not None and found["blank"] < last:
+        raise ValueError(f"{path}, line {found['blank'] + 1}: blank line inside the data; expected {expected} fields")
+    if found["wrong"] is not None:
+        row = found["wrong"]
+        text, fields = _collect(
+            lines.filter(pl.col("row") == row).select("text", count.alias("fields")), str(path)
+        ).row(0)
         raise ValueError(
             f"{path}, line {row + 1}: {fields} fields separated by {sep!r}, expected {expected}: "
             f"{(text or '')[:200]!r}"
         )
+    return max(last + 1 - first_data, 0)
 
 
 def scan_lines(source: Path | bytes) -> pl.LazyFrame:
     """Every line of a text file, unparsed, as the string column ``text`` (blank lines: null)."""
     return pl.scan_csv(
         source,
+        glob=False,
         has_header=False,
         separator="\x1f",
         quote_char=None,

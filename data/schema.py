@@ -42,6 +42,8 @@ from typing import Any, Literal, Mapping
 
 import tomllib
 
+from embtab.checks import check_field_types, check_keys
+
 Kind = Literal["categorical", "multi_hot", "sequence", "dense", "label"]
 KINDS: tuple[str, ...] = ("categorical", "multi_hot", "sequence", "dense", "label")
 SPARSE_KINDS: tuple[str, ...] = ("categorical", "multi_hot", "sequence")
@@ -81,6 +83,7 @@ class ColumnSpec:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"column {self.name!r}: kind {self.kind!r}, expected one of {KINDS}")
+        check_field_types(self, f"column {self.name!r}")
         if self.kind not in TRANSFORMS.get(self.transform, ()):
             allowed = [t for t, kinds in TRANSFORMS.items() if self.kind in kinds]
             raise ValueError(
@@ -144,6 +147,9 @@ class Schema:
         for name in ("columns", "column_names", "split", "files"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         object.__setattr__(self, "quote_char", self.quote_char or None)
+        check_field_types(self, f"schema {self.name!r}")
+        if not self.name:
+            raise ValueError("schema: name must be a non-empty string")
         if self.format not in FORMATS:
             raise ValueError(
                 f"schema {self.name!r}: format {self.format!r}, expected one of {FORMATS}"
@@ -211,6 +217,8 @@ class Schema:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"schema: unknown keys {unknown}, expected some of {sorted(known)}")
+        for column in data.get("columns", ()):
+            check_keys(column, [f.name for f in fields(ColumnSpec)], f"schema column {column.get('name')!r}")
         columns = tuple(ColumnSpec(**c) for c in data.get("columns", ()))
         return cls(**{**data, "columns": columns})
 

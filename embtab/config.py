@@ -124,8 +124,8 @@ class EmbeddingSpec:
         object.__setattr__(self, "table_methods", tuple(self.table_methods))
         if self.method is None:
             object.__setattr__(self, "method", method_class(DEFAULT_METHOD)())
-        if self.dim < 1:
-            raise ValueError(f"EmbeddingSpec.dim must be >= 1, got {self.dim}")
+        if not isinstance(self.dim, int) or isinstance(self.dim, bool) or self.dim < 1:
+            raise ValueError(f"EmbeddingSpec.dim must be an integer >= 1, got {self.dim!r}")
         self._check_features()
 
     def _check_features(self) -> None:
@@ -186,12 +186,15 @@ class EmbeddingSpec:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "EmbeddingSpec":
         """Build from plain data (e.g. a TOML table) with methods given as ``{"name": ..., **params}``."""
+        unknown = sorted(set(data) - {"features", "dim", "method", "table_methods"})
+        if unknown:
+            raise ValueError(f"embedding spec: unknown keys {unknown}; expected features, dim, method, table_methods")
         features = tuple(FeatureSpec(**f) for f in data["features"])
         method = method_from_dict(data["method"]) if "method" in data else None
         overrides = tuple(
             (name, method_from_dict(m)) for name, m in dict(data.get("table_methods", {})).items()
         )
-        return cls(features=features, dim=int(data.get("dim", 16)), method=method, table_methods=overrides)
+        return cls(features=features, dim=data.get("dim", 16), method=method, table_methods=overrides)
 
 
 SPARSE_OPTIMIZERS: tuple[str, ...] = ("sgd", "adagrad", "rowwise_adagrad", "adam")

@@ -22,6 +22,7 @@ from torchrec.optim.fused import FusedOptimizerModule
 
 from embtab.collection import EmbeddingTables
 from embtab.methods.base import BoundAfterFusing
+from embtab.quiet import quiet_torchrec
 
 TABLE_CONTAINERS: tuple[str, ...] = (".embedding_bags.", ".embeddings.")
 
@@ -99,7 +100,9 @@ def table_weights(module: nn.Module) -> dict[str, tuple[str, torch.Tensor]]:
     """(state_dict key, weight) of every physical table in `module`'s state, by table name (the
     last one where a model holds several collections with a table of one name)."""
     out: dict[str, tuple[str, torch.Tensor]] = {}
-    for key, value in module.state_dict().items():
+    with quiet_torchrec():
+        state = module.state_dict()
+    for key, value in state.items():
         name = table_of(key)
         if name is not None:
             out[name] = (key, value)
@@ -110,7 +113,9 @@ def weight_keys(module: nn.Module) -> dict[str, list[str]]:
     """Every `state_dict` key of a physical table's weight in `module`, by table name (a name may
     have several keys when a model holds several collections with a table of that name)."""
     out: dict[str, list[str]] = {}
-    for key in module.state_dict():
+    with quiet_torchrec():
+        keys = list(module.state_dict())
+    for key in keys:
         name = table_of(key)
         if name is not None:
             out.setdefault(name, []).append(key)
@@ -122,7 +127,9 @@ def optimizer_states(module: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
     state name (empty for tables without a fused optimizer)."""
     out: dict[str, dict[str, torch.Tensor]] = {}
     for fused in (m for m in module.modules() if isinstance(m, FusedOptimizerModule)):
-        for key, per_param in fused.fused_optimizer.state_dict()["state"].items():
+        with quiet_torchrec():
+            state = fused.fused_optimizer.state_dict()["state"]
+        for key, per_param in state.items():
             name = table_of(str(key))
             if name is None:
                 continue

@@ -10,12 +10,12 @@ and a cluster.
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping
 
 import torch
 import torch.distributed as dist
+import torch.fx._symbolic_trace
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.optim.apply_optimizer_in_backward import (
@@ -36,6 +36,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from embtab.collection import EmbeddingTables
 from embtab.config import SparseOptimizer
 from embtab.fused_state import bind_after_fusing
+from embtab.quiet import quiet_torchrec as quiet_torchrec  # re-exported
 from embtab.fused_state import physical_weights as physical_weights  # re-exported: its old home
 
 _OPTIMIZER_CLASSES = {
@@ -47,20 +48,6 @@ _OPTIMIZER_CLASSES = {
 
 
 DENSE_RESERVATION = 0.15  # share of each rank's memory the planner leaves to the dense model
-
-
-class _PlannerNoise(logging.Filter):
-    """Drops the planner's warning that the topology is built directly: every plan we make
-    triggers it (we build it from the process group) and it tells users nothing."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return "TopologyFactory" not in message
-
-
-logging.getLogger("torchrec.distributed.planner.types").addFilter(_PlannerNoise())
-# torchrec 1.8 still hands out ShardedTensors; every use of one warns that it is deprecated.
-warnings.filterwarnings("ignore", message="Please use DTensor instead", category=FutureWarning)
 
 
 class _NoDataParallel(DataParallelWrapper):
@@ -220,7 +207,8 @@ def plan_sharding(
         constraints=constraints.parameter_constraints(names),
         storage_reservation=FixedPercentageStorageReservation(DENSE_RESERVATION),
     )
-    return planner.collective_plan(model, _sharders(), process_group)
+    with quiet_torchrec():
+        return planner.collective_plan(model, _sharders(), process_group)
 
 
 ROW_SPLITTING = ("row_wise", "table_row_wise")
@@ -293,7 +281,39 @@ def fuse(
         dmp = embtab.fuse(model, embtab.SparseOptimizer("rowwise_adagrad", lr=0.05))
         dense = torch.optim.Adam(embtab.dense_parameters(dmp), lr=1e-3)
     """
-    device = torch.device(device)
+    with quiet_torchrec():
+        _silence_fx_tracing_notice()
+        return _fuse(model, optimizer, torch.device(device), process_group, constraints, plan)
+
+
+def _silence_fx_tracing_notice() -> None:
+    """torch.fx logs once per process, at the first forward of a torchrec module, that
+    `is_fx_tracing` also covers torch.export; nothing here traces, so the notice says nothing to
+    embtab users. Emitting it here, under a filter of its logger, uses up its one time."""
+    notice = getattr(torch.fx._symbolic_trace, "is_fx_tracing_warning", None)
+    if notice is None:
+        return
+    fx_log, mute = logging.getLogger(torch.fx._symbolic_trace.__name__), _Mute()
+    fx_log.addFilter(mute)
+    try:
+        notice()
+    finally:
+        fx_log.removeFilter(mute)
+
+
+class _Mute(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
+
+
+def _fuse(
+    model: nn.Module,
+    optimizer: SparseOptimizer,
+    device: torch.device,
+    process_group: dist.ProcessGroup | None,
+    constraints: ShardingConstraints | None,
+    plan: ShardingPlan | None,
+) -> DistributedModelParallel:
     optimizer.check_device(device.type)
     optimizer_class, kwargs = _OPTIMIZER_CLASSES[optimizer.kind], _optimizer_kwargs(optimizer)
     group = process_group or single_process_group()
@@ -338,12 +358,12 @@ def copy_into_shards(dmp: nn.Module, state: dict[str, torch.Tensor]) -> None:
             destination = target.get(key)
             if isinstance(destination, ShardedTensor):
                 for shard in destination.local_shards():
-                    shard.tensor.copy_(value[_window(shard.metadata)])
+                    shard.tensor.copy_(value[shard_window(shard.metadata)])
             elif destination is not None and destination.shape == value.shape:
                 destination.copy_(value)
 
 
-def _window(meta) -> tuple[slice, ...]:
+def shard_window(meta) -> tuple[slice, ...]:
     return tuple(slice(o, o + s) for o, s in zip(meta.shard_offsets, meta.shard_sizes))
 
 
@@ -361,10 +381,10 @@ def _local_bytes(tensor: torch.Tensor) -> int:
 
 def allocated_bytes(dmp: DistributedModelParallel) -> dict[str, int]:
     """Bytes this rank really holds for fused tables: weights and fused optimizer state."""
-    weights = sum(
-        _local_bytes(t) for t in dmp.state_dict().values() if isinstance(t, ShardedTensor)
-    )
-    state = sum(_local_bytes(t) for t in _sparse_state(dmp).values())
+    with quiet_torchrec():
+        tensors = dmp.state_dict()
+    weights = sum(_local_bytes(t) for t in tensors.values() if isinstance(t, ShardedTensor))
+    state = sum(_local_bytes(t) for t in sparse_optimizer_state(dmp).values())
     return {"parameter_bytes": weights, "optimizer_bytes": state}
 
 
@@ -386,7 +406,7 @@ def _local_pieces(tensors: dict[str, torch.Tensor]) -> Pieces:
     return pieces
 
 
-def _gathered(tensors: dict[str, torch.Tensor], group: dist.ProcessGroup) -> dict[str, torch.Tensor] | None:
+def gathered(tensors: dict[str, torch.Tensor], group: dist.ProcessGroup) -> dict[str, torch.Tensor] | None:
     """The whole tensors, assembled on rank 0 from every rank's parts (None on other ranks).
 
     A collective: every rank calls it, each with the tensors it has (a rank may lack a key)."""
@@ -404,7 +424,7 @@ def _gathered(tensors: dict[str, torch.Tensor], group: dist.ProcessGroup) -> dic
     return whole
 
 
-def _union_sizes(tensors: dict[str, torch.Tensor], group: dist.ProcessGroup) -> dict[str, tuple[int, ...]]:
+def union_sizes(tensors: dict[str, torch.Tensor], group: dist.ProcessGroup) -> dict[str, tuple[int, ...]]:
     """Whole sizes of the tensors any rank has (the fused optimizer lists only local tables)."""
     sizes = {k: tuple(v.size()) for k, v in tensors.items()}
     every_rank: list[dict[str, tuple[int, ...]]] = [{}] * dist.get_world_size(group)
@@ -412,7 +432,7 @@ def _union_sizes(tensors: dict[str, torch.Tensor], group: dist.ProcessGroup) -> 
     return {k: v for per_rank in every_rank for k, v in per_rank.items()}
 
 
-def _sparse_state(dmp: DistributedModelParallel) -> dict[str, torch.Tensor]:
+def sparse_optimizer_state(dmp: DistributedModelParallel) -> dict[str, torch.Tensor]:
     return {
         f"{param}/{name}": value
         for param, per_param in dmp.fused_optimizer.state_dict()["state"].items()
@@ -421,72 +441,3 @@ def _sparse_state(dmp: DistributedModelParallel) -> dict[str, torch.Tensor]:
     }
 
 
-def _column_shards(key: str, numel: int, rows: dict[str, int]) -> int:
-    """How many column shards keep their own copy of a row-wise optimizer state: torchrec stores
-    row-wise Adagrad's one float per row once per column shard, concatenated."""
-    table_rows = rows.get(key.split("/")[0])
-    return numel // table_rows if table_rows and numel % table_rows == 0 else 1
-
-
-def training_state(dmp: DistributedModelParallel) -> dict[str, dict[str, torch.Tensor]]:
-    """Weights and fused optimizer state as whole plain tensors, for `torch.save`.
-
-    Sharded tables are gathered, so every rank must call this; rank 0 receives the state (other
-    ranks an empty one). The layout does not depend on the sharding: a row-wise optimizer state
-    kept per column shard is saved as its mean over the shards (its value for the whole row), so a
-    checkpoint loads into any number of ranks and any plan.
-    """
-    group = dmp._env.process_group
-    model = _gathered(dmp.state_dict(), group)
-    sparse = _gathered(_sparse_state(dmp), group)
-    if model is None or sparse is None:
-        return {"model": {}, "sparse_optimizer": {}}
-    rows = {k: v.size(0) for k, v in model.items() if v.dim() == 2}
-    for key, value in sparse.items():
-        shards = _column_shards(key, value.numel(), rows) if value.dim() == 1 else 1
-        sparse[key] = value.view(shards, -1).mean(0) if shards > 1 else value
-    return {"model": model, "sparse_optimizer": sparse}
-
-
-def load_training_state(dmp: DistributedModelParallel, state: dict[str, dict[str, torch.Tensor]]) -> None:
-    """Restore a `training_state` (saved by any number of ranks) into this model, in place: each
-    rank copies the parts of the whole tensors that its shards hold. Every rank must call it.
-
-    Every key and shape is checked before anything is copied: a mismatched checkpoint changes nothing.
-    """
-    group = dmp._env.process_group
-    weights, sparse = dmp.state_dict(), _sparse_state(dmp)
-    sparse_sizes = _union_sizes(sparse, group)
-    rows = {k: v.size(0) for k, v in weights.items() if isinstance(v, ShardedTensor)}
-    sparse_saved = {
-        k: v.repeat(_column_shards(k, sparse_sizes[k][0], rows)) if len(sparse_sizes.get(k, ())) == 1 else v
-        for k, v in state["sparse_optimizer"].items()
-    }
-    _check_matches({k: tuple(v.size()) for k, v in weights.items()}, state["model"], "weights")
-    _check_matches(sparse_sizes, sparse_saved, "sparse optimizer state")
-    with torch.no_grad():
-        for targets, saved in ((weights, state["model"]), (sparse, sparse_saved)):
-            for key, target in targets.items():
-                _copy_into(target, saved[key])
-
-
-def _copy_into(target: torch.Tensor, whole: torch.Tensor) -> None:
-    if isinstance(target, ShardedTensor):
-        for shard in target.local_shards():
-            shard.tensor.copy_(whole[_window(shard.metadata)])
-    else:
-        target.copy_(whole)
-
-
-def _check_matches(sizes: dict[str, tuple[int, ...]], saved: dict[str, torch.Tensor], what: str) -> None:
-    """`saved` must have exactly the keys and whole shapes of the model's tensors."""
-    if set(sizes) != set(saved):
-        missing, unexpected = sorted(set(sizes) - set(saved)), sorted(set(saved) - set(sizes))
-        raise ValueError(
-            f"checkpoint does not match the model's {what}: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
-    for key, value in saved.items():
-        if tuple(value.shape) != sizes[key]:
-            raise ValueError(
-                f"checkpoint entry {key!r} has shape {tuple(value.shape)}; the model expects {sizes[key]}"
-            )

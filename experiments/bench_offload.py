@@ -167,7 +167,10 @@ def make_stores(trace: Trace, rows_of: dict[str, int], dim: int, kind: str, fold
     width = state_width_of(OPTIMIZER.kind, dim)
     if kind == "ram":
         return {t: RamStore.create(rows_of[t], dim, width, seed=i) for i, t in enumerate(trace.offloaded)}
-    return {t: MmapStore.create(folder / f"{t}.store", rows_of[t], dim, width, seed=i) for i, t in enumerate(trace.offloaded)}
+    return {
+        t: MmapStore.create(folder / f"{t}.store", rows_of[t], dim, width, seed=i, overwrite=True)  # scratch
+        for i, t in enumerate(trace.offloaded)
+    }
 
 
 def run_cell(

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from embtab.files import atomic_write_text
+
 
 def parser(description: str, default_out: str) -> argparse.ArgumentParser:
     """An argument parser with the `--out PATH` every experiment takes."""
@@ -52,9 +54,4 @@ def machine() -> dict[str, Any]:
 
 def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
     """Write `payload` (plus the machine it ran on) atomically to `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps({**payload, "machine": machine()}, indent=2))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, json.dumps({**payload, "machine": machine()}, indent=2))

@@ -21,10 +21,11 @@ from __future__ import annotations
 import ast
 import copy
 import json
+import math
 import tomllib
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
@@ -34,10 +35,13 @@ from embtab.budget import solve_budget
 from embtab.methods import METHODS
 from embtab.methods.base import SizedSpec
 from data import DatasetSplits, load_dataset
+from data.registry import loader_of
+from embtab.checks import check_call, check_field_types, check_keys
+from embtab.files import FolderBusyError
 from embtab.shard import ShardingConstraints
 from experiments.common import is_writer, join_torchrun, parser, write_json
 from experiments.engine import TrainConfig, Trainer
-from models import build_model
+from models import MODELS, build_model
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "data": {"name": "movielens"},
@@ -47,6 +51,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 PLACEHOLDER_SIZE = 64
+SECTIONS = ("data", "model", "embedding", "train", "sharding")
+EMBEDDING_KEYS = ("dim", "method", "table_methods", "budget_bytes", "budget_min_fill")
 
 FLAGS = {
     "dataset": ("data", "name", str),
@@ -87,12 +93,21 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def load_config(path: str | None, overrides: list[str], flags: dict[str, Any]) -> dict[str, Any]:
+def load_config(
+    path: str | None, overrides: list[str], flags: dict[str, Any], sections: Sequence[str] = SECTIONS
+) -> dict[str, Any]:
+    """The defaults, updated by the TOML file at `path`, the command-line `flags` and the
+    ``--set`` `overrides` (in that order), then checked (`check_config`); `sections` are the
+    tables the file may hold (a command with a table of its own adds it)."""
     config = copy.deepcopy(DEFAULTS)
     if path:
         with open(path, "rb") as f:
-            for section, table in tomllib.load(f).items():
-                config.setdefault(section, {}).update(table)
+            loaded = tomllib.load(f)
+        check_keys(loaded, sections, f"{path}: sections")
+        for section, table in loaded.items():
+            if not isinstance(table, dict):
+                raise ValueError(f"{path}: {section} = {table!r}, expected a [{section}] table")
+            config.setdefault(section, {}).update(table)
     for name, (section, key, _) in FLAGS.items():
         if flags.get(name) is not None:
             set_dotted(config[section], key, flags[name])
@@ -101,14 +116,52 @@ def load_config(path: str | None, overrides: list[str], flags: dict[str, Any]) -
             raise ValueError(f"--set expects section.key=value, got {item!r}")
         key, value = item.split("=", 1)
         set_dotted(config, key.strip(), parse_value(value.strip()))
+    check_config(config, sections)
     return config
 
 
+def check_config(config: dict[str, Any], sections: Sequence[str] = SECTIONS) -> None:
+    """Reject, before any work, unknown sections and keys and ill-typed or out-of-range values
+    of every layer, naming the key: [train] (`TrainConfig`), [embedding] (its keys, the budget,
+    the method's fields), [model] (the model's constructor) and [data] (the dataset's loader)."""
+    check_keys(config, sections, "configuration sections")
+    for section in ("data", "model"):
+        if not isinstance(config.get(section), dict) or not isinstance(config[section].get("name"), str):
+            raise ValueError(f"[{section}]: expected a table with a name, got {config.get(section)!r}")
+    train_config(config.get("train", {}))
+    embedding = config.get("embedding", {})
+    check_keys(embedding, EMBEDDING_KEYS, "[embedding]")
+    _budget(embedding)
+    settings = dict(config["model"])
+    name = settings.pop("name")
+    if name not in MODELS:
+        raise ValueError(f"[model]: unknown model {name!r}; expected one of {sorted(MODELS)}")
+    check_call(MODELS[name], {"embeddings": None, **settings}, f"[model] {name}")
+    data = {k: v for k, v in config["data"].items() if k not in ("name", "validation_in_train")}
+    if not isinstance(config["data"].get("validation_in_train", False), bool):
+        raise ValueError(f"[data]: validation_in_train = {config['data']['validation_in_train']!r}, expected true or false")
+    check_call(loader_of(config["data"]["name"])[0], data, f"[data] {config['data']['name']}")
+
+
+def _budget(embedding: dict[str, Any]) -> tuple[int | None, float]:
+    """The [embedding] budget in bytes (None: no budget) and its minimum fill, checked."""
+    budget = embedding.get("budget_bytes")
+    if budget is not None:
+        integral = isinstance(budget, (int, float)) and not isinstance(budget, bool) and math.isfinite(budget)
+        if not integral or budget != int(budget) or budget < 1:
+            raise ValueError(
+                f"[embedding]: budget_bytes = {budget!r}, expected a whole number of bytes >= 1 "
+                "(leave it out for no budget)"
+            )
+        budget = int(budget)
+    min_fill = embedding.get("budget_min_fill", 0.9)
+    if not isinstance(min_fill, (int, float)) or isinstance(min_fill, bool) or not 0 < min_fill <= 1:
+        raise ValueError(f"[embedding]: budget_min_fill = {min_fill!r}, expected a fraction in (0, 1]")
+    return budget, float(min_fill)
+
+
 def train_config(table: dict[str, Any]) -> TrainConfig:
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(table) - known)
-    if unknown:
-        raise ValueError(f"unknown [train] keys {unknown}; expected some of {sorted(known)}")
+    check_keys(table, [f.name for f in fields(TrainConfig)], "[train]")
     return TrainConfig(**table)
 
 
@@ -116,16 +169,21 @@ def embedding_spec(
     table: dict[str, Any], splits: DatasetSplits, optimizer: embtab.SparseOptimizer
 ) -> embtab.EmbeddingSpec:
     """The dataset's features with the configured width and method (sized to a budget if one is set)."""
-    settings = dict(table)
-    budget = settings.pop("budget_bytes", None)
-    min_fill = float(settings.pop("budget_min_fill", 0.9))
-    if budget:
+    check_keys(table, EMBEDDING_KEYS, "[embedding]")
+    budget, min_fill = _budget(table)
+    settings = {k: v for k, v in table.items() if k not in ("budget_bytes", "budget_min_fill")}
+    if budget is not None:
         settings["method"] = _with_placeholder_size(settings.get("method", {"name": "full"}))
-    spec = embtab.EmbeddingSpec.from_dict(
-        {**settings, "features": [asdict(f) for f in splits.feature_specs()]}
-    )
-    if budget:
-        spec = solve_budget(spec, int(budget), optimizer, min_fill=min_fill).spec
+    try:
+        spec = embtab.EmbeddingSpec.from_dict(
+            {**settings, "features": [asdict(f) for f in splits.feature_specs()]}
+        )
+    except TypeError as err:  # a method table with a key its spec lacks
+        raise ValueError(f"[embedding]: {err}") from err
+    for where, method in (("method", spec.method), *((f"table_methods.{n}", m) for n, m in spec.table_methods)):
+        check_field_types(method, f"[embedding.{where}] {method.name}")
+    if budget is not None:
+        spec = solve_budget(spec, budget, optimizer, min_fill=min_fill).spec
     return spec
 
 
@@ -172,6 +230,7 @@ def run(
 
     With a `process_group` of several ranks, every rank calls this; rank 0 writes the files."""
     out_dir = Path(out_dir)
+    check_config(config)
     train = train_config(config.get("train", {}))
     torch.manual_seed(train.seed)
     data_settings = dict(config["data"])
@@ -194,6 +253,7 @@ def run(
         stop_after_steps=stop_after_steps,
         process_group=process_group,
         constraints=sharding_constraints(config.get("sharding", {})),
+        described={section: config[section] for section in ("data", "model", "embedding")},
     )
     if trainer.world > 1 and is_writer():
         print(f"sharding plan over {trainer.world} ranks:\n{trainer.plan}")
@@ -237,9 +297,12 @@ def main() -> None:
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind)
     p.add_argument("--distributed", action="store_true", help="shard over the ranks torchrun starts")
     args = p.parse_args()
-    config = load_config(args.config, args.set, vars(args))
-    group = join_torchrun(config["train"].get("device", "cpu")) if args.distributed else None
-    summary = run(config, args.out, process_group=group)
+    try:
+        config = load_config(args.config, args.set, vars(args))
+        group = join_torchrun(config["train"].get("device", "cpu")) if args.distributed else None
+        summary = run(config, args.out, process_group=group)
+    except (ValueError, FolderBusyError) as error:  # bad input or a busy folder: the message says it all
+        raise SystemExit(f"experiments.ctr: {error}") from None
     if is_writer():
         print_summary(summary)
         print(json.dumps({k: summary[k] for k in ("test_auc", "test_logloss", "embedding_bytes")}))

@@ -14,11 +14,10 @@ and only rank 0 writes files (checkpoints hold whole tables, loadable by any num
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import polars as pl
 import torch
@@ -33,11 +32,22 @@ from data.loader import BatchIndexSampler
 from embtab.collectives import gather_rows, rank_and_world
 from embtab.methods.offloaded import OffloadedMethod
 from embtab.offload import Prefetcher, RamStore, attach, state_width_of
-from embtab.shard import ShardingConstraints, format_plan, global_mean, load_training_state, training_state
+from embtab.checkpoint import load_checkpoint, load_training_state, save_checkpoint, training_state
+from embtab.checks import check_field_types
+from embtab.files import FolderLock, atomic_write
+from embtab.shard import ShardingConstraints, embedding_tables_of, format_plan, global_mean
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
 METRICS = "metrics.csv"
+
+# Fields of a run's identity that a resume may change: more epochs or more patience continue a
+# finished run; the others change only speed, display, evaluation batching or when checkpoints are
+# written. Everything else (data, model, embedding, batch size, seed, learning rates, ...) must match.
+SAFE_TO_CHANGE: tuple[str, ...] = tuple(
+    f"train.{name}"
+    for name in ("epochs", "patience", "restore_best", "checkpoint_every", "progress", "threads", "eval_batch_size")
+)
 
 
 @dataclass(frozen=True)
@@ -57,6 +67,17 @@ class TrainConfig:
     checkpoint_every: int = 0
     progress: bool = True
     device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        check_field_types(self, "[train]")
+        for name in ("epochs", "batch_size", "eval_batch_size", "threads", "patience"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"[train]: {name} = {getattr(self, name)!r}, expected an integer >= 1")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"[train]: checkpoint_every = {self.checkpoint_every!r}, expected >= 0 (0: at epoch ends only)")
+        for name in ("dense_lr", "sparse_lr"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"[train]: {name} = {getattr(self, name)!r}, expected a number > 0")
 
     def sparse(self) -> embtab.SparseOptimizer:
         return embtab.SparseOptimizer(self.sparse_optimizer, lr=self.sparse_lr)
@@ -87,8 +108,41 @@ class Evaluation:
     seconds: float
 
 
+def run_identity(
+    model: nn.Module, splits: DatasetSplits, config: TrainConfig, described: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """What a run's checkpoints belong to: the caller's description (e.g. the configuration's
+    [data], [model] and [embedding] tables), the training configuration, every embedding spec, the
+    model's class and parameter shapes, and a fingerprint of the data."""
+    return {
+        **dict(described or {}),
+        "train": asdict(config),
+        "embedding_specs": [spec_identity(t.spec) for t in embedding_tables_of(model)],
+        "model_structure": {
+            "class": type(model).__name__,
+            "parameters": {n: list(p.shape) for n, p in model.named_parameters()},
+        },
+        "data_fingerprint": splits.fingerprint(),
+    }
+
+
+def spec_identity(spec: embtab.EmbeddingSpec) -> dict[str, Any]:
+    """An embedding spec as plain data."""
+    return {
+        "dim": spec.dim,
+        "method": spec.method.to_dict(),
+        "table_methods": {name: method.to_dict() for name, method in spec.table_methods},
+        "features": [asdict(f) for f in spec.features],
+    }
+
+
 class Trainer:
     """Fits `model` on `splits` with `config`, writing metrics and checkpoints to `out_dir`.
+
+    The output folder is locked while the trainer works in it (a second run on it fails at once).
+    A checkpoint found there is resumed only if it belongs to this run (`run_identity`; `described`
+    adds the caller's own description): any other difference than those of `SAFE_TO_CHANGE` is
+    refused, naming the field.
 
     Example::
 
@@ -106,7 +160,9 @@ class Trainer:
         stop_after_steps: int | None = None,
         process_group: dist.ProcessGroup | None = None,
         constraints: ShardingConstraints | None = None,
+        described: Mapping[str, Any] | None = None,
     ) -> None:
+        _check_not_empty(splits)
         torch.set_num_threads(config.threads)
         self.config = config
         self.splits = splits
@@ -117,6 +173,17 @@ class Trainer:
         self.rank, self.world = rank_and_world(process_group) if process_group else (0, 1)
         self.writes = self.rank == 0
         self.device = torch.device(config.device)
+        self.identity = run_identity(model, splits, config, described)
+        self._lock: FolderLock | None = None
+        self._hold_folder()
+        try:
+            self._build(model, constraints)
+        except BaseException:
+            self.release()
+            raise
+
+    def _build(self, model: nn.Module, constraints: ShardingConstraints | None) -> None:
+        config, process_group = self.config, self.group
         self.model = embtab.fuse(
             model, config.sparse(), self.device, process_group=process_group, constraints=constraints
         )
@@ -128,7 +195,20 @@ class Trainer:
             embtab.dense_parameters(self.model), lr=config.dense_lr, fused=True
         )
         self.state = RunState()
+        if self.offload is not None:
+            self._check_offload_fits_evaluation()
         self._resume()
+
+    # ------------------------------------------------------------------ output folder
+    def _hold_folder(self) -> None:
+        """Lock the output folder (rank 0, which writes): a second run on it fails at once."""
+        if self.writes and (self._lock is None or not self._lock.held):
+            self._lock = FolderLock(self.out_dir, "run")
+
+    def release(self) -> None:
+        """Unlock the output folder (`fit` does it when it returns)."""
+        if self._lock is not None:
+            self._lock.release()
 
     # ------------------------------------------------------------------ offloaded tables
     def _offload_stores(self, model: nn.Module) -> dict[str, RamStore]:
@@ -177,19 +257,18 @@ class Trainer:
         return states
 
     def _save(self, name: str) -> None:
-        """Write atomically: a crash mid-write leaves the previous file intact. Every rank takes
-        part in gathering the sharded tables; rank 0 writes; the others wait until it has."""
+        """Write atomically with the run's identity and a checksum (`embtab.checkpoint`): a crash
+        mid-write leaves the previous file intact. Every rank takes part in gathering the sharded
+        tables; rank 0 writes; the others wait until it has."""
         checkpoint = self._checkpoint()
         if self.writes:
-            path = self.out_dir / name
-            tmp = path.with_suffix(".tmp")
-            torch.save(checkpoint, tmp)
-            os.replace(tmp, path)
+            save_checkpoint(self.out_dir / name, checkpoint, self.identity)
         if self.world > 1:
             dist.barrier(self.group)
 
     def _load(self, name: str) -> None:
-        saved = torch.load(self.out_dir / name, weights_only=False)
+        """Restore a checkpoint of this run (checksum and identity checked before anything changes)."""
+        saved = load_checkpoint(self.out_dir / name, self.identity, SAFE_TO_CHANGE)
         load_training_state(self.model, saved["training"])
         if self.stores:
             for name, store in self.stores.items():
@@ -197,6 +276,7 @@ class Trainer:
             self.offload = attach(self.model, self.stores)  # empty caches: the stores hold every row
         self.dense_optimizer.load_state_dict(saved["dense_optimizer"])
         self.state = RunState(**saved["run"])
+        self.state.finished = self._finished()
         rng = saved["rng"]
         torch.set_rng_state(rng[self.rank] if len(rng) == self.world else rng[0])
 
@@ -287,7 +367,8 @@ class Trainer:
             }
         )
         if self.writes:
-            pl.DataFrame(state.history).write_csv(self.out_dir / METRICS)
+            history = pl.DataFrame(state.history)
+            atomic_write(self.out_dir / METRICS, history.write_csv)
         state.epoch += 1
         state.batch = 0
         if valid.auc > state.best_auc:
@@ -295,16 +376,27 @@ class Trainer:
             self._save(BEST)
         else:
             state.bad_epochs += 1
-        state.finished = state.epoch >= self.config.epochs or state.bad_epochs >= self.config.patience
+        state.finished = self._finished()
         self._save(CHECKPOINT)
 
+    def _finished(self) -> bool:
+        """The epochs have run out or validation AUC has stopped improving (under this config:
+        a resumed run given more epochs or patience continues)."""
+        state = self.state
+        return state.epoch >= self.config.epochs or state.bad_epochs >= self.config.patience
+
     def fit(self) -> dict[str, Any]:
-        """Train until the epochs run out or validation AUC stops improving; then test the best epoch."""
-        while not self.state.finished:
-            if not self._train_epoch():
-                return {"stopped_at_step": self.state.step}
-            self._end_epoch()
-        return self._final_result()
+        """Train until the epochs run out or validation AUC stops improving; then test the best
+        epoch. The output folder stays locked until it returns."""
+        self._hold_folder()
+        try:
+            while not self.state.finished:
+                if not self._train_epoch():
+                    return {"stopped_at_step": self.state.step}
+                self._end_epoch()
+            return self._final_result()
+        finally:
+            self.release()
 
     def _final_result(self) -> dict[str, Any]:
         final = self.state
@@ -348,6 +440,21 @@ class Trainer:
         logloss = float(nn.functional.binary_cross_entropy_with_logits(logits_all, labels_all))
         return Evaluation(auc=auc, logloss=logloss, samples=len(labels_all), seconds=seconds)
 
+    def _check_offload_fits_evaluation(self) -> None:
+        """Every evaluation batch's distinct rows must fit each offload cache: checked over the
+        validation and test splits before training starts (and every id range-checked)."""
+        for split, dataset in (("valid", self.splits.valid), ("test", self.splits.test)):
+            size = self._eval_batch_size(len(dataset))
+            for batch in make_dataloader(dataset, size, shuffle=False, part=(self.rank, self.world)):
+                for name, rows in self.offload.ids_of(batch.sparse).items():  # type: ignore[union-attr]
+                    needed, slots = int(rows.unique().numel()), self.offload.caches[name].slots  # type: ignore[union-attr]
+                    if needed > slots:
+                        raise ValueError(
+                            f"offload cache {name!r} has {slots} rows (cache_rows) but an evaluation batch "
+                            f"of {size} {split} samples needs {needed} distinct rows; lower [train] "
+                            f"eval_batch_size (to about {max(1, size * slots // needed)}) or raise cache_rows"
+                        )
+
     def _eval_batch_size(self, samples: int) -> int:
         """The configured evaluation batch, made smaller if needed so that the last batch still
         gives every rank at least one sample (no sample is left out of the metrics)."""
@@ -355,3 +462,13 @@ class Trainer:
         while size > self.world and 0 < samples % size < self.world:
             size -= 1
         return size
+
+
+def _check_not_empty(splits: DatasetSplits) -> None:
+    """Every split must hold samples (an empty one would fail at evaluation, after training)."""
+    for split in ("train", "valid", "test"):
+        if len(getattr(splits, split)) == 0:
+            raise ValueError(
+                f"dataset {splits.name!r}: the {split} split is empty; expected samples in every split "
+                "(more data, or other split fractions)"
+            )

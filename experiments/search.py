@@ -35,7 +35,7 @@ from embtab.search import EvolutionConfig, evolve
 from embtab.search import export as ex
 from embtab.shard import embedding_tables_of, physical_weights
 from experiments.common import parser, write_json
-from experiments.ctr import load_config, train_config
+from experiments.ctr import SECTIONS, load_config, train_config
 from experiments.engine import TrainConfig, Trainer
 from models import build_model
 
@@ -337,7 +337,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int)
     args = p.parse_args()
-    config = load_config(args.config, args.set, {"epochs": args.epochs})
+    config = load_config(args.config, args.set, {"epochs": args.epochs}, sections=(*SECTIONS, "search"))
     budgets = [Fraction(b) for b in args.budgets]
     base_seed = train_config(config.get("train", {})).seed
     out = Path(args.out)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import json
 import multiprocessing
-import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ import polars as pl
 import torch.distributed as dist
 from tqdm import tqdm
 
+from embtab.files import atomic_write_text
 from experiments.common import is_writer, join_torchrun, parser
 from experiments.ctr import load_config, run
 from experiments.engine import BEST, CHECKPOINT
@@ -114,10 +114,7 @@ def run_cell(
 
 def _record(folder: Path, row: dict[str, Any]) -> None:
     """Write the cell's row (atomically) and drop its checkpoints."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / (RESULT + ".tmp")
-    tmp.write_text(json.dumps(row))
-    os.replace(tmp, folder / RESULT)
+    atomic_write_text(folder / RESULT, json.dumps(row))
     for checkpoint in (CHECKPOINT, BEST):
         (folder / checkpoint).unlink(missing_ok=True)
 

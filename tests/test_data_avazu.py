@@ -67,3 +67,10 @@ def test_avazu_malformed(tmp_path: Path, old: str, new: str, message: str) -> No
     path.write_text(path.read_text().replace(old, new, 1))
     with pytest.raises(ValueError, match=r"train.csv[:,] " + message):
         load_avazu(path, cache_dir=tmp_path)
+
+
+def test_a_file_ending_with_blank_lines_is_accepted(tmp_path: Path) -> None:
+    path = write_avazu(tmp_path / "train.csv")
+    path.write_text(path.read_text() + "\n\n")
+    splits = load_avazu(path, cache_dir=tmp_path)
+    assert len(splits.train) + len(splits.valid) + len(splits.test) == 20

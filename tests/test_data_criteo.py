@@ -97,3 +97,10 @@ def test_load_dataset_by_name(tmp_path: Path) -> None:
     path = write_criteo(tmp_path / "train.txt")
     by_name = load_dataset(f"criteo:{path}", cache_dir=tmp_path, seed=2)
     assert torch.equal(by_name.test.dense, load_criteo(path, cache_dir=tmp_path, seed=2).test.dense)
+
+
+def test_a_file_ending_with_a_blank_line_is_accepted(tmp_path: Path) -> None:
+    path = write_criteo(tmp_path / "train.txt")
+    path.write_text(path.read_text() + "\n")
+    splits = load_criteo(path, cache_dir=tmp_path)
+    assert len(splits.train) + len(splits.valid) + len(splits.test) == 20

@@ -159,7 +159,7 @@ def test_vocabulary_ids_and_round_trip(tmp_path: Path) -> None:
     [
         ("u0,2,", "u0,2,x,", r"toy.csv, line 9: 8 fields separated by ',', expected 7"),
         ("3.0,1,7\n", "3.0,1\n", r"toy.csv, line 9: 6 fields separated by ',', expected 7"),
-        ("\n", "\n\n", r"toy.csv, line 2: 0 fields"),
+        ("\n", "\n\n", r"toy.csv, line 2: blank line inside the data"),
         (
             "1.0,1,1\n",
             "1.0,yes,1\n",
@@ -255,3 +255,114 @@ def test_schema_docstring_example_parses(tmp_path: Path) -> None:
     schema = Schema.from_toml(tmp_path / "schema.toml")
     assert schema.quote_char is None and schema.label.name == "clicked"
     assert [c.name for c in schema.sparse] == ["user_id", "item_id", "hist_item_ids"]
+
+
+def test_file_names_are_paths_not_patterns(toy_dir: Path, tmp_path: Path) -> None:
+    """``toy[1].csv`` as a glob would read ``toy1.csv``: it must read itself."""
+    (toy_dir / "toy.csv").rename(toy_dir / "toy[1].csv")
+    toy_frame().with_columns(click=pl.lit("1")).write_csv(toy_dir / "toy1.csv")
+    schema = Schema.from_toml(toy_dir / "schema.toml")
+    splits = read_dataset(schema, [toy_dir / "toy[1].csv"], tmp_path)
+    assert splits.train.labels.mean() < 1
+
+
+def test_same_name_size_and_mtime_in_two_folders_are_two_entries(toy_dir: Path, tmp_path: Path) -> None:
+    schema = Schema.from_toml(toy_dir / "schema.toml")
+    other = tmp_path / "other"
+    other.mkdir()
+    toy_frame().with_columns(click=pl.lit("1")).write_csv(other / "toy.csv")  # same size, other labels
+    assert (other / "toy.csv").stat().st_size == (toy_dir / "toy.csv").stat().st_size
+    for path in (toy_dir / "toy.csv", other / "toy.csv"):
+        os.utime(path, ns=(1, 1))
+    first = read_dataset(schema, [toy_dir / "toy.csv"], tmp_path / "cache")
+    second = read_dataset(schema, [other / "toy.csv"], tmp_path / "cache")
+    assert first.train.labels.mean() < second.train.labels.mean()
+
+
+def test_dataset_names_stay_inside_the_cache(toy_dir: Path, tmp_path: Path) -> None:
+    schema_file = toy_dir / "schema.toml"
+    schema_file.write_text(schema_file.read_text().replace('name = "toy"', 'name = "../../escaped"'))
+    load_dataset(str(toy_dir), cache_dir=tmp_path / "cache")
+    (entry,) = (tmp_path / "cache" / "processed").iterdir()
+    assert entry.name.startswith("_.._escaped-")
+    assert not list(tmp_path.glob("escaped*")) and not list(tmp_path.glob("*/escaped*"))
+
+
+def test_concurrent_builders_keep_one_valid_entry(toy_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """Another builder publishes the same entry between our build and our rename."""
+    real_rename, real_replace, raced = os.rename, os.replace, []
+
+    def racing(real):
+        def move(source, destination):
+            if not raced and ".tmp-" in str(source):
+                raced.append(True)
+                import shutil
+
+                shutil.copytree(source, destination)  # the other builder's finished entry
+            real(source, destination)
+
+        return move
+
+    monkeypatch.setattr(os, "rename", racing(real_rename))
+    monkeypatch.setattr(os, "replace", racing(real_replace))
+    first = load_dataset(str(toy_dir), cache_dir=tmp_path)
+    monkeypatch.undo()
+    assert raced and rows(load_dataset(str(toy_dir), cache_dir=tmp_path).test) == rows(first.test)
+    assert [p.name[0] for p in (tmp_path / "processed").iterdir()] == ["t"]  # no temporaries left
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("", r"toy.csv: cannot read the header|no data rows"),
+        ("user,item,tags,hist,price,click,ts\n", r"no data rows"),
+    ],
+)
+def test_empty_files_are_refused(toy_dir: Path, tmp_path: Path, content: str, message: str) -> None:
+    (toy_dir / "toy.csv").write_text(content)
+    with pytest.raises(ValueError, match=message):
+        load_dataset(str(toy_dir), cache_dir=tmp_path)
+
+
+def test_a_split_left_empty_is_refused(toy_dir: Path, tmp_path: Path) -> None:
+    lines = (toy_dir / "toy.csv").read_text().splitlines(keepends=True)
+    (toy_dir / "toy.csv").write_text("".join(lines[:4]))  # 3 rows split 80/10/10
+    with pytest.raises(ValueError, match=r"3 rows split \[0.8, 0.1, 0.1\] leave the \['test'\] split\(s\) empty"):
+        load_dataset(str(toy_dir), cache_dir=tmp_path)
+
+
+def test_invalid_utf8_is_reported_with_its_line(toy_dir: Path, tmp_path: Path) -> None:
+    lines = (toy_dir / "toy.csv").read_bytes().splitlines(keepends=True)
+    lines[6] = lines[6].replace(b"u", b"\xff", 1)
+    (toy_dir / "toy.csv").write_bytes(b"".join(lines))
+    with pytest.raises(ValueError, match=r"toy.csv, line 7: invalid UTF-8"):
+        load_dataset(str(toy_dir), cache_dir=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("min_count = 1.5", r"column 'user': min_count = 1.5, expected an integer"),
+        ("min_count = \"2\"", r"column 'user': min_count = '2', expected an integer"),
+    ],
+)
+def test_ill_typed_column_values_are_refused(toy_dir: Path, text: str, message: str) -> None:
+    schema_file = toy_dir / "schema.toml"
+    schema_file.write_text(schema_file.read_text().replace("min_count = 2", text, 1))
+    with pytest.raises(ValueError, match=message):
+        Schema.from_toml(schema_file)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ('has_header = "false"', r"has_header = 'false', expected true or false"),
+        ('seed = "x"', r"seed = 'x', expected an integer"),
+        ("seed = 1.5", r"seed = 1.5, expected an integer"),
+        ('split = [0.8, 0.1, "0.1"]', r"split = .*expected a list of 3 values"),
+    ],
+)
+def test_ill_typed_schema_values_are_refused(tmp_path: Path, extra: str, message: str) -> None:
+    (tmp_path / "schema.toml").write_text(f'name = "x"\n{extra}\ncolumns = [{LABEL}]\n')
+    with pytest.raises(ValueError, match=message):
+        Schema.from_toml(tmp_path / "schema.toml")

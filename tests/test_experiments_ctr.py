@@ -54,7 +54,7 @@ def test_a_run_reports_every_figure_and_a_budget_sizes_the_method(tmp_path):
     assert (
         0.9 * summary["embedding_bytes"] // 4 <= small["embedding_bytes"] <= summary["embedding_bytes"] // 4
     )
-    with pytest.raises(ValueError, match="unknown \\[train\\] keys \\['epoch'\\]"):
+    with pytest.raises(ValueError, match="\\[train\\]: unknown keys \\['epoch'\\]"):
         run({**TINY, "train": {"epoch": 1}}, tmp_path / "bad")
 
 
@@ -96,3 +96,41 @@ def test_two_ranks_train_like_one_process_and_only_rank_0_writes(tmp_path):
     assert two["test_auc"] == pytest.approx(single["test_auc"], abs=1e-4)
     assert two["test_logloss"] == pytest.approx(single["test_logloss"], abs=1e-4)
     assert two["history"][-1]["valid_auc"] == pytest.approx(single["history"][-1]["valid_auc"], abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"trian": {"epochs": 2}}, r"configuration sections: unknown keys \['trian'\]"),
+        ({"embedding": {"dim": 8, "method": {"name": "full"}, "dims": 4}}, r"\[embedding\]: unknown keys \['dims'\]"),
+        ({"embedding": {"dim": 12.9}}, r"dim must be an integer >= 1, got 12.9"),
+        ({"embedding": {"dim": 8, "budget_bytes": 0}}, r"budget_bytes = 0, expected a whole number of bytes >= 1"),
+        ({"embedding": {"dim": 8, "budget_bytes": float("nan")}}, r"budget_bytes = nan"),
+        ({"embedding": {"dim": 8, "budget_bytes": float("inf")}}, r"budget_bytes = inf"),
+        ({"embedding": {"dim": 8, "method": {"name": "hashing_trick", "rowz": 9}}}, r"\[embedding\]: .*rowz"),
+        ({"embedding": {"dim": 8, "method": {"name": "hashing_trick", "rows": 9.5}}}, r"rows = 9.5, expected an integer"),
+        ({"train": {"epochs": 0}}, r"\[train\]: epochs = 0, expected an integer >= 1"),
+        ({"train": {"epochs": 1.5}}, r"\[train\]: epochs = 1.5, expected an integer"),
+        ({"train": {"progress": "false"}}, r"\[train\]: progress = 'false', expected true or false"),
+        ({"train": {"sparse_lr": float("nan")}}, r"\[train\]: sparse_lr = nan, expected a finite number"),
+        ({"model": {"name": "dlrm", "top_hiden": [4]}}, r"\[model\] dlrm: unknown keys \['top_hiden'\]"),
+        ({"model": {"name": "dlrm", "top_hidden": 4}}, r"\[model\] dlrm: top_hidden = 4, expected a list"),
+        ({"data": {**TINY["data"], "num_sample": 10}}, r"\[data\] synthetic: unknown keys \['num_sample'\]"),
+        ({"data": {**TINY["data"], "num_samples": 3000.5}}, r"\[data\] synthetic: num_samples = 3000.5"),
+    ],
+)
+def test_every_config_layer_rejects_unknown_keys_and_bad_values(tmp_path, change, message):
+    with pytest.raises(ValueError, match=message):
+        run({**TINY, **change}, tmp_path / "bad")
+    assert not (tmp_path / "bad" / "checkpoint.pt").exists()
+
+
+def test_a_typo_in_a_config_file_or_override_is_refused(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text("[embeding]\ndim = 4\n")
+    with pytest.raises(ValueError, match=r"run.toml: sections: unknown keys \['embeding'\]"):
+        load_config(str(path), [], {})
+    with pytest.raises(ValueError, match=r"\[train\]: unknown keys \['epoch'\]"):
+        load_config(None, ["train.epoch=3"], {})
+    with pytest.raises(ValueError, match=r"budget_bytes = 0"):
+        load_config(None, [], {"budget": 0})

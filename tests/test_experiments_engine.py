@@ -23,7 +23,7 @@ def build(splits, seed: int = 0, dim: int = 8) -> DLRM:
 
 
 def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
-    from embtab.shard import training_state
+    from embtab.checkpoint import training_state
 
     return training_state(trainer.model)["model"]
 
@@ -53,12 +53,12 @@ def test_resume_after_a_stop_equals_an_uninterrupted_run(splits, tmp_path):
 
 
 def test_a_checkpoint_of_another_model_is_refused_and_changes_nothing(splits, tmp_path):
-    from embtab.shard import load_training_state, training_state
+    from embtab.checkpoint import load_checkpoint, load_training_state, training_state
 
     Trainer(build(splits, dim=8), splits, TrainConfig(**{**CONFIG.__dict__, "epochs": 1}), tmp_path / "run").fit()
-    with pytest.raises(ValueError, match="checkpoint entry .* has shape .*; the model expects"):
+    with pytest.raises(ValueError, match="belongs to another run: embedding_specs.0.dim: checkpoint 8, this run 4"):
         Trainer(build(splits, dim=4), splits, CONFIG, tmp_path / "run")
-    saved = torch.load(tmp_path / "run" / CHECKPOINT, weights_only=False)["training"]
+    saved = load_checkpoint(tmp_path / "run" / CHECKPOINT)["training"]
     last = sorted(k for k in saved["model"] if "embedding_bags" in k)[-1]
     saved["model"][last] = saved["model"][last][:1]
     target = embtab.fuse(build(splits, seed=5), CONFIG.sparse())
@@ -95,3 +95,11 @@ def test_offloaded_tables_train_through_the_engine_and_resume_exactly(splits, tm
     assert resumed_result["test_auc"] == pytest.approx(whole_result["test_auc"], abs=1e-6)
     for name, store in whole.stores.items():
         torch.testing.assert_close(resumed.stores[name].weights, store.weights, rtol=0, atol=1e-6)
+
+
+def test_an_offload_cache_too_small_for_the_evaluation_batch_is_refused_at_start(splits, tmp_path):
+    """Training batches of 32 samples x 4 fields fit 300 rows; evaluation batches of 400 do not."""
+    config = TrainConfig(**{**CONFIG.__dict__, "batch_size": 32, "eval_batch_size": 4000})
+    with pytest.raises(ValueError, match=r"offload cache 'offload_cache' has 300 rows \(cache_rows\) .*lower \[train\] eval_batch_size"):
+        Trainer(build_offloaded(splits, 300), splits, config, tmp_path / "run")
+    assert not (tmp_path / "run" / CHECKPOINT).exists()

@@ -9,7 +9,7 @@ import embtab
 from embtab.fused_state import attach_row_reset
 from embtab.methods import METHODS, method_from_dict
 from embtab.methods.managed_collision import ManagedCollision, ManagedCollisionMethod
-from embtab.shard import load_training_state, training_state
+from embtab.checkpoint import load_training_state, training_state
 
 FEATURES = (
     embtab.FeatureSpec("user", 1000),

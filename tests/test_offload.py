@@ -11,7 +11,8 @@ from embtab.methods.full import FullTable
 from embtab.methods.offloaded import Offloaded
 from embtab.offload import MmapStore, Prefetcher, RamStore, attach, state_width_of
 from embtab.offload.policy import make_policy
-from embtab.shard import load_training_state, physical_weights, training_state
+from embtab.checkpoint import load_training_state, training_state
+from embtab.shard import physical_weights
 from embtab.testing import random_kjt
 
 ROWS, DIM, CACHE, STEPS = 2000, 8, 300, 16
@@ -216,3 +217,27 @@ def test_evaluation_does_not_dirty_rows(one_thread):
             dmp(kjt)
     assert offload.stats()["offload_cache"].written_rows == 0
     torch.testing.assert_close(store.weights, initial["item"], rtol=0, atol=0)
+
+
+def test_an_offloaded_id_out_of_range_is_named_before_any_row_moves():
+    """item (2000 rows) and user (500 rows) share one cache: user id 500 would be item's row 0."""
+    optimizer = SparseOptimizer("sgd", lr=0.1)
+    torch.manual_seed(0)
+    spec = EmbeddingSpec(features=FEATURES, dim=DIM, method=Offloaded(cache_rows=CACHE))
+    dmp = embtab.fuse(embtab.EmbeddingTables(spec), optimizer)
+    offload = attach(dmp, {"item": RamStore.create(ROWS, DIM, 0), "user": RamStore.create(500, DIM, 0)})
+    kjt = zipf_batches(1)[0]
+    values = kjt.values().clone()
+    values[-1] = 500  # the last id is user's
+    bad = type(kjt).from_lengths_sync(keys=kjt.keys(), values=values, lengths=kjt.lengths())
+    with pytest.raises(ValueError, match=r"feature 'user' \(offloaded\): id 500 is out of range; expected ids in \[0, 500\)"):
+        list(Prefetcher([bad], offload))
+    assert offload.stats()["offload_cache"].loaded_rows == 0
+
+
+def test_an_empty_batch_is_a_clear_error():
+    dmp = fused(FullTable(), SparseOptimizer("sgd", lr=0.1))
+    kjt = zipf_batches(1)[0]
+    empty = type(kjt).from_lengths_sync(keys=kjt.keys(), values=kjt.values()[:0], lengths=kjt.lengths()[:0])
+    with pytest.raises(ValueError, match=r"empty batch: features \['item', 'hist', 'user'\] hold 0 samples"):
+        dmp(empty)

@@ -78,3 +78,31 @@ def test_rank_memory_bounds_the_plan():
         embtab.EmbeddingTables(spec), optimizer, constraints=ShardingConstraints(rank_memory_bytes=64 * 10**6)
     )
     assert "100000x16" in format_plan(dmp.plan)
+
+
+def test_importing_embtab_changes_no_global_warning_or_logging_filter():
+    import importlib
+    import logging
+    import warnings
+
+    import embtab.shard
+
+    with warnings.catch_warnings():
+        before = list(warnings.filters)
+        importlib.reload(embtab.shard)
+        assert warnings.filters == before
+    assert not logging.getLogger("torchrec.distributed.planner.types").filters
+    assert not any("DTensor" in str(f[1]) for f in warnings.filters)
+
+
+def test_fuse_is_quiet(capfd):
+    import warnings
+
+    import embtab
+
+    spec = embtab.EmbeddingSpec(features=(embtab.FeatureSpec("a", 50), embtab.FeatureSpec("b", 60)), dim=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        embtab.fuse(embtab.EmbeddingTables(spec), embtab.SparseOptimizer("sgd", lr=0.1))
+    assert not [w for w in caught if "DTensor" in str(w.message) or "TopologyFactory" in str(w.message)]
+    assert "TopologyFactory" not in capfd.readouterr().err

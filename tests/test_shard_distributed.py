@@ -20,7 +20,8 @@ from embtab.methods.multi_hash import MultiHash
 from embtab.methods.hashing_trick import HashingTrick
 from embtab.methods.multiplex import multiplex
 from embtab.methods.qr import QREmbedding
-from embtab.shard import ShardingConstraints, global_mean, load_training_state, training_state
+from embtab.checkpoint import load_training_state, training_state
+from embtab.shard import ShardingConstraints, global_mean
 from embtab.testing import random_kjt, run_ranks, slice_batch
 
 FEATURES = (
@@ -260,11 +261,11 @@ def _sharded_load_save(rank: int, world: int, kind: str, pooled: str, per_id: st
     """Load a one-process checkpoint into a sharded model, check its forward, save it again."""
     torch.manual_seed(11)
     dmp = _fused(Head(_spec("qr_add")), kind, pooled, per_id, torch.distributed.group.WORLD)
-    load_training_state(dmp, torch.load(Path(folder) / "single.pt"))
+    load_training_state(dmp, torch.load(Path(folder) / "single.pt", weights_only=True))
     lo, hi = rank * BATCH // world, (rank + 1) * BATCH // world
     with torch.no_grad():
         logits = dmp(slice_batch(random_kjt(FEATURES, batch=BATCH, seed=5), lo, hi))
-    expected = torch.load(Path(folder) / "logits.pt")[lo:hi]
+    expected = torch.load(Path(folder) / "logits.pt", weights_only=True)[lo:hi]
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
     state = training_state(dmp)
     if rank == 0:
@@ -286,7 +287,7 @@ def test_sharded_checkpoint_loads_into_one_process(tmp_path):
     _train_step(single, (0, BATCH), 1)
     torch.manual_seed(11)
     restored = _fused(Head(_spec("full")), "adagrad", "table_wise", "table_wise")
-    load_training_state(restored, torch.load(tmp_path / "sharded.pt"))
+    load_training_state(restored, torch.load(tmp_path / "sharded.pt", weights_only=True))
     _assert_same_state(training_state(restored), training_state(single))
 
 
@@ -300,6 +301,6 @@ def test_one_process_checkpoint_loads_into_shards_and_back(tmp_path):
     with torch.no_grad():
         torch.save(single(random_kjt(FEATURES, batch=BATCH, seed=5)), tmp_path / "logits.pt")
     run_ranks(_sharded_load_save, 2, "rowwise_adagrad", "column_wise", "row_wise", str(tmp_path))
-    resaved, original = torch.load(tmp_path / "resaved.pt"), torch.load(tmp_path / "single.pt")
+    resaved, original = torch.load(tmp_path / "resaved.pt", weights_only=True), torch.load(tmp_path / "single.pt", weights_only=True)
     _assert_same_state(resaved, original)
     assert any(v.abs().sum() > 0 for v in original["sparse_optimizer"].values())

@@ -39,15 +39,25 @@ class Offload:
         bounds = [0, *torch.tensor(kjt.length_per_key()).cumsum(0).tolist()]
         values = kjt.values().to("cpu", torch.int64)
         return {
-            name: torch.cat([values[bounds[i] : bounds[i + 1]] + offset for i, offset in positions])
+            name: torch.cat(
+                [torch.empty(0, dtype=torch.int64)]
+                + [_checked(values[bounds[i] : bounds[i + 1]], f, rows) + offset for i, f, offset, rows in positions]
+            )
             for name, positions in self._features.items()
         }
 
     @staticmethod
-    def _positions(cache: RowCache, keys: tuple[str, ...]) -> list[tuple[int, int]]:
-        """(key position, row offset) of every feature that reads `cache`."""
-        offsets = dict(zip(cache.store.names, cache.store.offsets.tolist()))
-        return [(keys.index(f), offsets[t]) for t, features in cache.tables.items() for f in features if f in keys]
+    def _positions(cache: RowCache, keys: tuple[str, ...]) -> list[tuple[int, str, int, int]]:
+        """(key position, feature, row offset, table rows) of every feature that reads `cache`."""
+        store = cache.store
+        offsets = dict(zip(store.names, store.offsets.tolist()))
+        rows = dict(zip(store.names, (store.offsets[1:] - store.offsets[:-1]).tolist()))
+        return [
+            (keys.index(f), f, offsets[t], rows[t])
+            for t, features in cache.tables.items()
+            for f in features
+            if f in keys
+        ]
 
     def enter_window(self, ids: dict[str, torch.Tensor]) -> None:
         """A batch (its `ids_of`) was read ahead into the look-ahead window."""
@@ -78,6 +88,15 @@ class Offload:
 
     def stats(self) -> dict[str, CacheStats]:
         return {name: cache.stats for name, cache in self.caches.items()}
+
+
+def _checked(ids: torch.Tensor, feature: str, rows: int) -> torch.Tensor:
+    """`ids` of an offloaded `feature`, which must lie in ``[0, rows)``: checked before any row
+    moves, so a bad id never loads a row (of this table or the next one in the cache)."""
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= rows):
+        bad = ids[(ids < 0) | (ids >= rows)][0]
+        raise ValueError(f"feature {feature!r} (offloaded): id {int(bad)} is out of range; expected ids in [0, {rows})")
+    return ids
 
 
 def attach(model: nn.Module, stores: Mapping[str, RowStore]) -> Offload:

@@ -8,7 +8,10 @@ copy is the only authoritative one.
 - `RamStore`: host tensors (pinned when CUDA is present, so copies to the GPU are asynchronous).
 - `MmapStore`: a memory-mapped file for tables larger than RAM, created, opened, flushed and
   closed explicitly. A 4 KiB header records the shape; `open` rejects a file that does not match
-  the table. Opening drops the file's page cache (see `_drop_page_cache`), reads touch only the
+  the table; `create` never replaces an existing file unless told to (``overwrite=True``). Every
+  read, write and flush first checks that the file is still the one mapped, whole: a file deleted,
+  replaced or truncated under the store raises `StoreChangedError` instead of losing the writes
+  (or of a SIGBUS on reading a truncated page). Opening drops the file's page cache (see `_drop_page_cache`), reads touch only the
   pages of the rows read (``MADV_RANDOM``: no read-ahead), and the mapping drops its resident
   pages every `resident_bytes` of traffic, so the process's RSS stays near the cache's size rather
   than growing towards the table's (the pages stay in the kernel's page cache and are re-read
@@ -26,6 +29,8 @@ from typing import Sequence
 
 import torch
 
+from embtab.files import atomic_write
+
 MAGIC = b"EMBTAB-ROW-STORE"
 HEADER_BYTES = 4096
 FORMAT_VERSION = 1
@@ -35,6 +40,10 @@ INIT_CHUNK_ROWS = 1 << 18
 def default_init_bound(rows: int) -> float:
     """torchrec's default initialization range: U(-sqrt(1/rows), sqrt(1/rows))."""
     return (1.0 / rows) ** 0.5
+
+
+class StoreChangedError(RuntimeError):
+    """The file behind an `MmapStore` was deleted, replaced or truncated while it was open."""
 
 
 class RowStore:
@@ -136,6 +145,7 @@ class MmapStore(RowStore):
         self.resident_bytes = resident_bytes
         self._touched = 0
         self._file = open(path, "r+b")
+        self._identity = _file_identity(os.fstat(self._file.fileno()))
         _drop_page_cache(self._file.fileno())
         self._map = mmap.mmap(self._file.fileno(), 0)
         self._map.madvise(mmap.MADV_RANDOM)
@@ -156,19 +166,33 @@ class MmapStore(RowStore):
         state_width: int,
         seed: int = 0,
         resident_bytes: int = 256 << 20,
+        overwrite: bool = False,
     ) -> "MmapStore":
         """Write a new store file (torchrec's default init, zero state) chunk by chunk and open it.
 
-        The chunks go through ordinary file writes, never through the mapping, so creating a
-        table larger than RAM needs only one chunk (`INIT_CHUNK_ROWS` rows) of memory.
+        An existing file (which may hold trained rows) is replaced only with ``overwrite=True``.
+        The chunks go through ordinary file writes into a temporary file renamed into place when
+        complete, never through the mapping, so creating a table larger than RAM needs only one
+        chunk (`INIT_CHUNK_ROWS` rows) of memory, and a failed creation leaves no partial store.
         """
         path = Path(path)
+        for name, value in (("rows", rows), ("dim", dim), ("state_width", state_width)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "state_width" else 1):
+                raise ValueError(f"store file {str(path)!r}: {name} = {value!r}, expected a positive integer")
+        if path.exists() and not overwrite:
+            raise FileExistsError(
+                f"store file {str(path)!r} already exists (it may hold trained rows); open it with "
+                "MmapStore.open, or pass overwrite=True to replace it with a fresh table"
+            )
         meta = {"version": FORMAT_VERSION, "rows": rows, "dim": dim, "state_width": state_width, "dtype": "float32"}
-        with open(path, "wb") as f:
+
+        def write(f) -> None:
             f.write(_header(meta))
             for first in range(0, rows, INIT_CHUNK_ROWS):
                 weights = initial_rows(first, rows, dim, seed)
                 f.write(torch.cat([weights, torch.zeros(len(weights), state_width)], 1).numpy())
+
+        atomic_write(path, write)
         return cls(path, meta, resident_bytes)
 
     @classmethod
@@ -201,6 +225,7 @@ class MmapStore(RowStore):
     def read(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Gather `rows`, in `readers` slices at once: each missing page is a synchronous fault,
         so parallel slices keep several disk reads in flight."""
+        self.check_file()
         out = torch.empty(rows.numel(), self.dim + self.state_width)
         slices = list(zip(rows.tensor_split(self.readers), out.tensor_split(self.readers)))
         list(self._pool.map(lambda part: torch.index_select(self.data, 0, part[0], out=part[1]), slices))
@@ -210,6 +235,7 @@ class MmapStore(RowStore):
     @torch.no_grad()
     def write(self, rows: torch.Tensor, weights: torch.Tensor, state: torch.Tensor) -> None:
         """Scatter `rows`, in `readers` slices at once (writing a row first faults its page in)."""
+        self.check_file()
         both = torch.cat([weights, state], 1) if self.state_width else weights
         slices = list(zip(rows.tensor_split(self.readers), both.tensor_split(self.readers)))
         list(self._pool.map(lambda part: self.data.index_copy_(0, part[0], part[1]), slices))
@@ -225,17 +251,44 @@ class MmapStore(RowStore):
 
     def flush(self) -> None:
         """Write dirty pages to the file (msync)."""
+        self.check_file()
         self._map.flush()
 
+    def check_file(self) -> None:
+        """Raise `StoreChangedError` if the file was deleted, replaced or truncated since it was
+        opened: writes to it would be lost (or reads of a truncated part kill the process)."""
+        expected = self.file_bytes(self.rows, self.dim, self.state_width)
+        mapped = os.fstat(self._file.fileno())
+        try:
+            named = _file_identity(os.stat(self.path))
+        except FileNotFoundError:
+            named = None
+        if named is not None and named != self._identity:
+            problem = "was replaced by another file"
+        elif mapped.st_nlink == 0 or named is None:
+            problem = "was deleted"
+        elif mapped.st_size < expected:
+            problem = f"was truncated to {mapped.st_size} of {expected} bytes"
+        else:
+            return
+        raise StoreChangedError(
+            f"store file {str(self.path)!r} {problem} while the store was open; its rows can no "
+            "longer be read or saved. Stop the run, restore the store file (or recreate it with "
+            "MmapStore.create and resume from a checkpoint)"
+        )
+
     def close(self) -> None:
-        """Flush and unmap; the tensors of this store are invalid afterwards."""
+        """Flush and unmap; the tensors of this store are invalid afterwards. Raises
+        `StoreChangedError` (after unmapping) if the file changed under the store."""
         if self._map.closed:
             return
-        self.flush()
-        self._pool.shutdown()
-        del self.data
-        self._map.close()
-        self._file.close()
+        try:
+            self.flush()
+        finally:
+            self._pool.shutdown()
+            del self.data
+            self._map.close()
+            self._file.close()
 
     def __enter__(self) -> "MmapStore":
         return self
@@ -295,6 +348,10 @@ class ConcatStore(RowStore):
     def flush(self) -> None:
         for store in self.stores:
             store.flush()
+
+
+def _file_identity(status: os.stat_result) -> tuple[int, int]:
+    return status.st_dev, status.st_ino
 
 
 def _drop_page_cache(fd: int) -> None:
