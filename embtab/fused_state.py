@@ -29,10 +29,12 @@ TABLE_CONTAINERS: tuple[str, ...] = (".embedding_bags.", ".embeddings.")
 
 @dataclass(frozen=True)
 class Shard:
-    """A part of a table this process holds: a view of the stored rows, from row `first_row` on."""
+    """A part of a table this process holds: a view of the stored rows, from row `first_row` and
+    column `first_column` on (column-wise shards hold a band of the columns)."""
 
     tensor: torch.Tensor
     first_row: int
+    first_column: int = 0
 
 
 @dataclass(frozen=True)
@@ -82,8 +84,15 @@ def table_of(key: str) -> str | None:
 def local_shards(tensor: torch.Tensor) -> list[Shard]:
     """(view, first row) of each part of `tensor` this process holds: the whole of a plain tensor."""
     if isinstance(tensor, ShardedTensor):
-        return [Shard(s.tensor, int(s.metadata.shard_offsets[0])) for s in tensor.local_shards()]
+        return [
+            Shard(s.tensor, int(s.metadata.shard_offsets[0]), _first_column(s.metadata.shard_offsets))
+            for s in tensor.local_shards()
+        ]
     return [Shard(tensor, 0)]
+
+
+def _first_column(offsets: list[int]) -> int:
+    return int(offsets[1]) if len(offsets) > 1 else 0
 
 
 def whole_local(tensor: torch.Tensor, what: str) -> torch.Tensor:

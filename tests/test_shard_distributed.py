@@ -14,6 +14,7 @@ from torchrec.models.dlrm import DLRM
 
 import embtab
 from embtab.config import EmbeddingSpec, FeatureSpec
+from embtab.fused_state import attach_row_reset
 from embtab.methods import DNIS, MDE, PEP, OptEmbed
 from embtab.methods.managed_collision import ManagedCollision
 from embtab.methods.multi_hash import MultiHash
@@ -122,6 +123,7 @@ def _check_case(rank: int, world: int, method: str, pooled: str, per_id: str) ->
         torch.manual_seed(7)
         models.append(Head(_spec(method)).train(method not in EVAL_MODE))
     model, reference = models
+    attach_row_reset(reference)  # what fuse binds on the sharded model (managed collisions' row reset)
     kjt = random_kjt(FEATURES, batch=BATCH, seed=3)
     target = torch.randn(BATCH, generator=torch.Generator().manual_seed(4))
     ref_logits, ref_grad, ref_state = _reference_step(reference, kjt, target)

@@ -52,7 +52,7 @@ from embtab.methods.base import BoundAfterFusing, PhysicalTable, SizedSpec
 from embtab.registry import MethodKind, register_method
 
 if TYPE_CHECKING:
-    from embtab.fused_state import FusedTables, StoredTable
+    from embtab.fused_state import FusedTables, Shard, StoredTable
 
 MAX_INPUT_HASH_SIZE = 2**63 - 1
 EVICTIONS: tuple[str, ...] = ("lfu", "lru")
@@ -177,9 +177,13 @@ class ManagedCollisionMethod(BoundAfterFusing):
         table = stored.get(name)
         if table is None:
             raise ValueError(f"table {name!r}: no weight found in the collection to reset rows of")
-        weights = [(s.tensor, s.first_row) for s in table.weight_shards()]
-        states = [(s.tensor, s.first_row) for s in table.state_shards()]
-        self.row_reset = RowReset(weights, states, math.sqrt(1.0 / self.rows), salt_of("row_reset", name))
+        self.row_reset = RowReset(
+            table.weight_shards(),
+            table.state_shards(),
+            self.physical_tables[0].dim,
+            math.sqrt(1.0 / self.rows),
+            salt_of("row_reset", name),
+        )
 
     def mapped_ids(self) -> dict[int, int]:
         """The id -> row map as a dict (for inspection and tests; not for the hot path)."""
@@ -192,30 +196,29 @@ class ManagedCollisionMethod(BoundAfterFusing):
 class RowReset:
     """Re-initialize rows of one physical table, and zero their optimizer state, in place.
 
-    Holds views of the table's weights and of its fused optimizer state (as torchrec exposes them
-    through `state_dict` / `fused_optimizer`), each with the first row it covers.
+    Holds the local shards of the table's weights and of its fused optimizer state (as torchrec
+    exposes them through `state_dict` / `fused_optimizer`). Every call draws the fresh values of
+    all the evicted rows at the table's full width, then each shard takes its rows and columns, so
+    the values do not depend on how the table is sharded.
     """
 
-    def __init__(
-        self,
-        weights: list[tuple[torch.Tensor, int]],
-        states: list[tuple[torch.Tensor, int]],
-        bound: float,
-        seed: int,
-    ) -> None:
-        self.weights, self.states, self.bound = weights, states, bound
+    def __init__(self, weights: list[Shard], states: list[Shard], dim: int, bound: float, seed: int) -> None:
+        self.weights, self.states, self.dim, self.bound = weights, states, dim, bound
         self.generator = torch.Generator().manual_seed(seed & (2**63 - 1))
 
     @torch.no_grad()
     def __call__(self, rows: torch.Tensor) -> None:
-        for tensor, first in self.weights:
-            local = _local_rows(rows, first, tensor.shape[0]).to(tensor.device)
-            fresh = torch.rand((local.numel(), *tensor.shape[1:]), generator=self.generator)
-            tensor[local] = (fresh * (2 * self.bound) - self.bound).to(tensor.device, tensor.dtype)
-        for tensor, first in self.states:
-            tensor[_local_rows(rows, first, tensor.shape[0]).to(tensor.device)] = 0
+        rows = rows.to(torch.int64).cpu()
+        fresh = torch.rand((rows.numel(), self.dim), generator=self.generator) * (2 * self.bound) - self.bound
+        for shard in self.weights:
+            held = _held(rows, shard)
+            columns = slice(shard.first_column, shard.first_column + shard.tensor.shape[1])
+            values = fresh[held][:, columns].to(shard.tensor.device, shard.tensor.dtype)
+            shard.tensor[(rows[held] - shard.first_row).to(shard.tensor.device)] = values
+        for shard in self.states:
+            shard.tensor[(rows[_held(rows, shard)] - shard.first_row).to(shard.tensor.device)] = 0
 
 
-def _local_rows(rows: torch.Tensor, first: int, count: int) -> torch.Tensor:
-    local = rows.to(torch.int64) - first
-    return local[(local >= 0) & (local < count)]
+def _held(rows: torch.Tensor, shard: Shard) -> torch.Tensor:
+    """Which of `rows` the shard holds (a mask)."""
+    return (rows >= shard.first_row) & (rows < shard.first_row + shard.tensor.shape[0])
