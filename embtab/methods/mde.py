@@ -35,6 +35,7 @@ class MDE(MethodSpec):
     name = "mde"
     size_field: ClassVar[str] = "base_dim"
     size_increasing: ClassVar[bool] = True
+    size_scope: ClassVar[str] = "spec"  # one knob sizes every table at once (embtab.budget)
 
     base_dim: int = 16
     alpha: float = 0.3

@@ -45,6 +45,7 @@ class Multiplexed(MethodSpec):
     name = "multiplex"
     size_field: ClassVar[str] = "rows"
     size_increasing: ClassVar[bool] = True
+    size_scope: ClassVar[str] = "spec"  # one knob sizes every table at once (embtab.budget)
 
     rows: int
     chunk_dim: int | None = None
