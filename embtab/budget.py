@@ -409,7 +409,7 @@ class _TableSizes:
         return self._for_rows[rows]
 
     def _sized(self, target: int) -> MethodSpec:
-        if self.stays_full:
+        if self.stays_full or target >= self.full_parameters:
             return FullTable()
         value = self.knob.fitting(target)
         if value is None:
