@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 import embtab
-from embtab.budget import solve_budget
+from embtab.budget import full_table_parameters, solve_budget, solve_parameter_ratio, spec_cost
 from embtab.methods import METHODS
 from data import DatasetSplits, load_dataset
 from embtab.shard import ShardingConstraints
@@ -117,14 +117,17 @@ def embedding_spec(
     """The dataset's features with the configured width and method (sized to a budget if one is set)."""
     settings = dict(table)
     budget = settings.pop("budget_bytes", None)
+    ratio = settings.pop("budget_parameter_ratio", None)
     min_fill = float(settings.pop("budget_min_fill", 0.9))
-    if budget:
+    if budget or ratio:
         settings["method"] = _with_placeholder_size(settings.get("method", {"name": "full"}))
     spec = embtab.EmbeddingSpec.from_dict(
         {**settings, "features": [asdict(f) for f in splits.feature_specs()]}
     )
     if budget:
         spec = solve_budget(spec, int(budget), optimizer, min_fill=min_fill).spec
+    elif ratio:
+        spec = solve_parameter_ratio(spec, float(ratio), optimizer, min_fill=min_fill).spec
     return spec
 
 
@@ -201,7 +204,10 @@ def run(
         "dataset": config["data"]["name"],
         "model": config["model"]["name"],
         "method": spec.method.to_dict(),
+        "table_methods": {name: m.to_dict() for name, m in spec.table_methods},
         "embedding_bytes": memory.total,
+        "embedding_parameters": (parameters := spec_cost(spec, train.sparse()).parameters),
+        "embedding_parameter_ratio": parameters / full_table_parameters(spec),
         "embedding_parameter_bytes": memory.parameter_bytes,
         "total_parameters": embedding_parameters + dense_parameters,
         "world_size": trainer.world,
