@@ -265,7 +265,8 @@ def run_pep(run: Run, budgets: list[Fraction]) -> list[dict[str, Any]]:
             cells.append({"method": "pep (learned)", "budget": str(budget), **common,
                           "unreachable": f"learned sparsity did not reach {target} CSR bytes in "
                                          f"{common['search_epochs']} epochs (reached {trajectory[-1]['csr_bytes']})"})
-        margins = {n: m.margins(*_physical_args(m, weights)) for n, m in tables.methods.items()}  # type: ignore[operator]
+        with torch.no_grad():
+            margins = {n: m.margins(*_physical_args(m, weights)) for n, m in tables.methods.items()}  # type: ignore[operator]
         try:
             ex.set_shift(tables, csr_shift(margins, target))
         except ValueError as error:
