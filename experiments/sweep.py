@@ -468,11 +468,11 @@ def main() -> None:
     params = base.pop("method_params", {})
     base["embedding"]["budget_min_fill"] = args.min_fill
     first_seed = base.get("train", {}).get("seed", 2024)
-    cells = [
+    cells = [  # seed by seed, so that a sweep stopped early has every method for its first seeds
         Cell(m, ALL_BUDGETS if m in LEARNED else b, first_seed + s)
+        for s in range(args.seeds)
         for m in methods
         for b in (["-"] if m in LEARNED else args.budgets)
-        for s in range(args.seeds)
     ]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
