@@ -354,7 +354,28 @@ def summarize(results: pl.DataFrame) -> str:
         + "Best per budget: "
         + "; ".join(winners)
         + "\n"
+        + _learned_summary(results)
     )
+
+
+def _learned_summary(results: pl.DataFrame) -> str:
+    """Markdown: what each learned-size method learned by itself (means over seeds)."""
+    columns = [c for c in ("threshold_moved", "learned_rows_pruned", "learned_element_sparsity", "search_epochs",
+                           "reached_at_epoch", "search_s") if c in results.columns]
+    learned = results.filter(pl.col("method").str.contains("learned") & (pl.col("status") == "ok"))
+    if learned.height == 0 or not columns:
+        return ""
+    stats = learned.group_by("method", "budget").agg(
+        pl.col("parameter_ratio").mean(), pl.col("test_auc").mean(), *[pl.col(c).mean() for c in columns]
+    ).sort("method", "budget")
+    header = ["method", "budget", "test AUC", "parameter ratio", *columns]
+    lines = ["", "Learned by the methods themselves (no budget shift; means over seeds):", "",
+             "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for row in stats.iter_rows(named=True):
+        values = [row["method"], row["budget"], f"{row['test_auc']:.4f}", f"{row['parameter_ratio']:.3g}"]
+        values += ["-" if row[c] is None else f"{row[c]:.3g}" for c in columns]
+        lines.append("| " + " | ".join(values) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _budget_title(text: str) -> str:
