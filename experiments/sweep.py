@@ -446,6 +446,14 @@ def write_outputs(results: pl.DataFrame, out: Path) -> str:
     return summary
 
 
+def _budgets_of(method: str, budgets: list[str]) -> list[str]:
+    """The budgets a method's cells take: the full table is the reference at its own size (1), a
+    learned-size method one cell for every budget."""
+    if method in LEARNED:
+        return [ALL_BUDGETS]
+    return ["1"] if method == "full" else budgets
+
+
 def default_methods() -> list[str]:
     """Every method the sweep knows: sized ones, MDE, the hot-id variants, the learned ones."""
     from embtab.methods import METHODS
@@ -490,10 +498,10 @@ def main() -> None:
     base["embedding"]["budget_min_fill"] = args.min_fill
     first_seed = base.get("train", {}).get("seed", 2024)
     cells = [  # seed by seed, so that a sweep stopped early has every method for its first seeds
-        Cell(m, ALL_BUDGETS if m in LEARNED else b, first_seed + s)
+        Cell(m, b, first_seed + s)
         for s in range(args.seeds)
         for m in methods
-        for b in (["-"] if m in LEARNED else args.budgets)
+        for b in _budgets_of(m, args.budgets)
     ]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -22,12 +22,12 @@ def test_tiny_sweep_writes_outputs_and_rerun_does_no_training(tmp_path, monkeypa
     for name in ("results.parquet", "results.csv", "summary.md", "pareto.png"):
         assert (tmp_path / name).stat().st_size > 0
     results = pl.read_parquet(tmp_path / "results.parquet")
-    assert results.height == 4
+    assert results.height == 3  # the full table is the reference at its own size only
     assert (results.filter(pl.col("status") == "ok")["wall_seconds"] > 0).all()
     status = {(r["method"], r["budget"]): r["status"] for r in results.iter_rows(named=True)}
-    assert status == {("full", "1"): "ok", ("full", "1/4"): "unreachable",
-                      ("hashing_trick", "1"): "ok", ("hashing_trick", "1/4"): "ok"}
-    assert "below" in results.filter(pl.col("status") == "unreachable")["reason"][0]
+    assert status == {("full", "1"): "ok", ("hashing_trick", "1"): "ok", ("hashing_trick", "1/4"): "ok"}
+    whole = results.filter((pl.col("method") == "hashing_trick") & (pl.col("budget") == "1")).row(0, named=True)
+    assert whole["parameter_ratio"] == 1.0  # at 1x every table is full: no table gets more rows than ids
     hashed = results.filter((pl.col("method") == "hashing_trick") & (pl.col("budget") == "1/4")).row(0, named=True)
     assert hashed["bytes"] <= hashed["budget_bytes"] and 0.2 < hashed["parameter_ratio"] <= 0.25
     assert "**" in (tmp_path / "summary.md").read_text()
@@ -38,14 +38,14 @@ def test_tiny_sweep_writes_outputs_and_rerun_does_no_training(tmp_path, monkeypa
 
     monkeypatch.setattr(sweep, "run", no_training)
     sweep.main()
-    assert pl.read_parquet(tmp_path / "results.parquet").height == 4
+    assert pl.read_parquet(tmp_path / "results.parquet").height == 3
 
 
 def test_parallel_cells_give_the_same_rows(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["sweep", *ARGS, "--jobs", "2", "--threads", "1", "--out", str(tmp_path)])
     sweep.main()
     results = pl.read_parquet(tmp_path / "results.parquet")
-    assert results.height == 4
+    assert results.height == 3
     assert results.filter(pl.col("status") == "ok").height == 3
 
 
