@@ -278,9 +278,8 @@ def criteo_config(
         raise ValueError(f"divide must be >= 1, got {divide}")
     cards = tuple(max(min(c, 8), -(-c // divide)) for c in CRITEO_CARDINALITIES)
     skews = tuple(1.05 + 0.3 * float(u) for u in _unit(np.arange(26, dtype=np.uint64) + np.uint64(seed * 101 + 13)))
-    return SyntheticConfig(
-        num_samples, 26, cards, skews, dense_dim=13, seed=seed, memorization=memorization, **settings  # type: ignore[arg-type]
-    )
+    settings = {"dense_dim": 13, "seed": seed, "memorization": memorization, **settings}
+    return SyntheticConfig(num_samples, 26, cards, skews, **settings)  # type: ignore[arg-type]
 
 
 def bayes_auc(config: SyntheticConfig, num_samples: int = 200_000) -> float:

@@ -96,7 +96,9 @@ class Cost:
         return {"bytes": self.bytes, "parameter_bytes": self.parameter_bytes, "parameters": self.parameters}[measure]
 
     def __add__(self, other: "Cost") -> "Cost":
-        return Cost(self.bytes + other.bytes, self.parameter_bytes + other.parameter_bytes, self.parameters + other.parameters)
+        return Cost(
+            self.bytes + other.bytes, self.parameter_bytes + other.parameter_bytes, self.parameters + other.parameters
+        )
 
 
 @dataclass(frozen=True)
@@ -326,11 +328,15 @@ class _Knob:
         left, right = max(low, value // 2), value * 2
         if self(right) is None:
             right = _bisect(lambda v: self(v) is not None, value, right)[0]
-        # the minimum is in [left, right]: bisect on the sign of the slope
-        left, right = _bisect(lambda v: self(v + 1) is not None and self(v + 1) < self(v), left, right)  # type: ignore[operator]
+        # the minimum is in [left, right]: bisect on the sign of the slope (evaluations are cached)
+        _bisect(self._falling, left, right)
         # amounts need not be exactly unimodal (ceil makes a noisy floor): the smallest seen
         knob = min((v for v, b in self.cache.items() if b is not None), key=lambda v: (self.cache[v], v))
         return knob, self(knob)  # type: ignore[return-value]
+
+    def _falling(self, value: int) -> bool:
+        after = self(value + 1)
+        return after is not None and after < self(value)  # type: ignore[operator]
 
     def most(self, low: int, stop_above: int) -> tuple[int, int | None]:
         """(value, amount) of the largest amount, or amount None when it passes `stop_above`
@@ -432,7 +438,9 @@ def _per_table_spec(
     return solved, cost
 
 
-def _table_sizes(spec: EmbeddingSpec, method: MethodSpec, optimizer: SparseOptimizer, min_rows: int) -> dict[str, _TableSizes]:
+def _table_sizes(
+    spec: EmbeddingSpec, method: MethodSpec, optimizer: SparseOptimizer, min_rows: int
+) -> dict[str, _TableSizes]:
     """Each table's sizes; a table's own override of the same method class is the one sized."""
     sizes = {}
     for table in spec.tables():
@@ -607,10 +615,12 @@ def _learned(
     export (``method.floor_method()``: no row kept, the narrowest width)."""
     if measure == "parameters":
         raise ValueError(f"method {method.name!r}: a learned size takes a budget in bytes, not a parameter ratio")
-    floor = spec_cost(_with_method(spec, method.floor_method()), optimizer).measured(measure)  # type: ignore[attr-defined]
+    smallest = _with_method(spec, method.floor_method())  # type: ignore[attr-defined]
+    floor = spec_cost(smallest, optimizer).measured(measure)
     if budget < floor:
         raise _below_minimum(method, budget, floor, "no row kept", unit)
-    target = {type(method).budget_field: budget, "budget_optimizer": optimizer.kind if measure == "bytes" else ""}  # type: ignore[attr-defined]
+    counted = optimizer.kind if measure == "bytes" else ""
+    target = {type(method).budget_field: budget, "budget_optimizer": counted}  # type: ignore[attr-defined]
     training = fit(_with_method(spec, replace(method, **target)))
     return replace(training, bytes=budget)
 

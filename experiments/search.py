@@ -37,7 +37,7 @@ from embtab.search.sparse import csr_bytes, csr_charge, csr_export, csr_paramete
 from embtab.shard import embedding_tables_of, physical_weights
 from experiments.common import parser, write_json
 from experiments.ctr import load_config, train_config
-from experiments.engine import TrainConfig, Trainer
+from experiments.engine import Trainer
 from models import build_model
 
 METHOD_NAMES = ("full", "optembed", "pep", "mde", "dnis")
@@ -266,7 +266,7 @@ def run_pep(run: Run, budgets: list[Fraction]) -> list[dict[str, Any]]:
                           "unreachable": f"learned sparsity did not reach {target} CSR bytes in "
                                          f"{common['search_epochs']} epochs (reached {trajectory[-1]['csr_bytes']})"})
         with torch.no_grad():
-            margins = {n: m.margins(*_physical_args(m, weights)) for n, m in tables.methods.items()}  # type: ignore[operator]
+            margins = {n: m.margins(*_physical_args(m, weights)) for n, m in tables.methods.items()}
         try:
             ex.set_shift(tables, csr_shift(margins, target))
         except ValueError as error:
@@ -285,13 +285,17 @@ def _physical_args(method: Any, weights: dict[str, torch.Tensor]) -> tuple[torch
 
 def _csr_charge(plans: dict[str, ex.TablePlan]) -> int:
     """Bytes of the plans' CSR exports (every table's rows, its non-zero elements)."""
-    return sum(csr_charge(p.keep.numel(), int((p.values != 0).sum())) for p in plans.values())  # type: ignore[union-attr]
+    return sum(csr_charge(p.keep.numel(), _nonzeros(p)) for p in plans.values())
+
+
+def _nonzeros(plan: ex.TablePlan) -> int:
+    return int((plan.values != 0).sum())  # type: ignore[union-attr]
 
 
 def _retrain_sparse(run: Run, label: str, budget: Fraction, plans: dict[str, ex.TablePlan]) -> dict[str, Any]:
     """Retrain an element-sparse plan (zeros frozen), then charge it its real CSR export."""
     cell = _retrain(run, label, budget, plans)
-    parameters = sum(csr_parameters(p.keep.numel(), int((p.values != 0).sum())) for p in plans.values())  # type: ignore[union-attr]
+    parameters = sum(csr_parameters(p.keep.numel(), _nonzeros(p)) for p in plans.values())
     cell.update(
         train_bytes=cell["bytes"],
         bytes=_csr_charge(plans),

@@ -204,7 +204,9 @@ def _sized_row(
     }
 
 
-def _learned_rows(base: dict[str, Any], cell: Cell, budgets: list[str], folder: Path, threads: int) -> list[dict[str, Any]]:
+def _learned_rows(
+    base: dict[str, Any], cell: Cell, budgets: list[str], folder: Path, threads: int
+) -> list[dict[str, Any]]:
     """A learned-size method's stages for every byte budget of the sweep (parameter-ratio budgets
     are recorded as unreachable: their export targets are bytes)."""
     from experiments import search
@@ -237,7 +239,8 @@ def _learned_rows(base: dict[str, Any], cell: Cell, budgets: list[str], folder: 
     for budget in budgets:
         if Budget(budget).kind == "parameters":
             reason = f"{cell.method} takes byte budgets (its export target), not a parameter ratio"
-            rows.append({"method": cell.method, "budget": budget, "seed": cell.seed, "status": "unreachable", "reason": reason})
+            row = {"method": cell.method, "budget": budget, "seed": cell.seed}
+            rows.append({**row, "status": "unreachable", "reason": reason})
     return rows
 
 
@@ -479,7 +482,9 @@ def main() -> None:
     p.add_argument(
         "--min-fill", type=float, default=0.9, help="a cell must use at least this share of its budget"
     )
-    p.add_argument("--hot-share", type=float, default=0.5, help="share of a table's rows the +hot variants give hot ids")
+    p.add_argument(
+        "--hot-share", type=float, default=0.5, help="share of a table's rows the +hot variants give hot ids"
+    )
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--threads", type=int, default=2, help="threads per cell")
     p.add_argument("--distributed", action="store_true", help="train each cell over the ranks torchrun starts")
