@@ -17,7 +17,8 @@ Budgets: ``1/16`` is a fraction of the full table's bytes (weights + fused optim
 cell's wall time. A budget a method cannot reach is recorded as unreachable with the reason.
 
 Finished cells are skipped on a re-run, so a killed sweep loses at most the cells in progress; a
-finished cell keeps its rows, not its checkpoints. Writes `results.parquet`, `results.csv`,
+finished cell keeps its rows, not its checkpoints. ``--report-only`` writes the outputs of the
+cells finished so far and trains nothing. Writes `results.parquet`, `results.csv`,
 `summary.md` and `pareto.png` to the output folder.
 
     torchrun --nproc_per_node 2 -m experiments.sweep --distributed --threads 1 --config ... --out ...
@@ -488,6 +489,7 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--threads", type=int, default=2, help="threads per cell")
     p.add_argument("--distributed", action="store_true", help="train each cell over the ranks torchrun starts")
+    p.add_argument("--report-only", action="store_true", help="write the outputs of the finished cells; train none")
     args = p.parse_args()
     if args.distributed and args.jobs > 1:
         raise SystemExit("--distributed trains one cell at a time over all ranks; drop --jobs")
@@ -511,6 +513,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     group = join_torchrun(base.get("train", {}).get("device", "cpu")) if args.distributed else None
+    if args.report_only:
+        cells = [c for c in cells if finished(out, c) is not None]
     results = sweep(base, cells, params, out, args.jobs, args.threads, args.hot_share, list(args.budgets), group)
     if is_writer():
         print(write_outputs(results, out))
