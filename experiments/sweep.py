@@ -117,9 +117,9 @@ def cell_config(base: dict[str, Any], cell: Cell, full_bytes: int, params: dict[
 
 
 def hot_overrides(config: dict[str, Any], hot_share: float) -> dict[str, dict[str, Any]]:
-    """Per table, the method with its hottest training ids exclusive: as many as `hot_share` of the
-    rows the plain method gets at this budget (AdaptEmb-style); the solver then sizes the hashed
-    rest so that the table keeps its share of the budget."""
+    """Per table, the method with its hottest training ids exclusive, taking `hot_share` of the
+    rows the plain method gets at this budget (AdaptEmb-style; a multi-hash id takes a row per
+    probe); the solver then sizes the hashed rest so that the table keeps its share of the budget."""
     from data import load_dataset
     from embtab.methods.frequency import hottest_ids
     from experiments.ctr import embedding_spec, train_config
@@ -134,7 +134,8 @@ def hot_overrides(config: dict[str, Any], hot_share: float) -> dict[str, dict[st
         rows = getattr(sized, "rows", None)
         if rows is None:  # left full: too small to gain
             continue
-        overrides[table] = {**method, "rows": rows, "hot_ids": list(hottest_ids(counts[table], int(hot_share * rows)))}
+        hot = int(hot_share * rows / getattr(sized, "hashes", 1))  # each probe gives a hot id a row
+        overrides[table] = {**method, "rows": rows, "hot_ids": list(hottest_ids(counts[table], hot))}
     return overrides
 
 
