@@ -417,6 +417,7 @@ def pareto_plot(results: pl.DataFrame, path: Path) -> None:
 
     stats = _stats(results)
     fig, ax = plt.subplots(figsize=(8, 5))
+    colors = plt.get_cmap("tab20").colors
     for index, method in enumerate(sorted(stats["method"].unique().to_list())):
         part = stats.filter(pl.col("method") == method).sort("bytes")
         if method == "full":
@@ -427,6 +428,7 @@ def pareto_plot(results: pl.DataFrame, path: Path) -> None:
             part["auc"].to_list(),
             yerr=part["std"].to_list(),
             marker="os^vD<>ph*"[index % 10],
+            color=colors[index % len(colors)],
             linestyle=":" if "(learned)" in method else "-",
             capsize=3,
             label=method,
