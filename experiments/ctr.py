@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 import embtab
-from embtab.budget import solve_budget
+from embtab.budget import full_table_parameters, solve_budget, solve_parameter_ratio, spec_cost
 from embtab.methods import METHODS
 from embtab.methods.base import SizedSpec
 from data import DatasetSplits, load_dataset
@@ -52,7 +52,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 
 PLACEHOLDER_SIZE = 64
 SECTIONS = ("data", "model", "embedding", "train", "sharding")
-EMBEDDING_KEYS = ("dim", "method", "table_methods", "budget_bytes", "budget_min_fill")
+BUDGET_KEYS = ("budget_bytes", "budget_parameter_ratio", "budget_min_fill")
+EMBEDDING_KEYS = ("dim", "method", "table_methods", *BUDGET_KEYS)
 
 FLAGS = {
     "dataset": ("data", "name", str),
@@ -143,9 +144,12 @@ def check_config(config: dict[str, Any], sections: Sequence[str] = SECTIONS) -> 
     check_call(loader_of(config["data"]["name"])[0], data, f"[data] {config['data']['name']}")
 
 
-def _budget(embedding: dict[str, Any]) -> tuple[int | None, float]:
-    """The [embedding] budget in bytes (None: no budget) and its minimum fill, checked."""
-    budget = embedding.get("budget_bytes")
+def _budget(embedding: dict[str, Any]) -> tuple[int | None, float | None, float]:
+    """The [embedding] budget in bytes or as a parameter ratio (None: none given) and its minimum
+    fill, checked."""
+    budget, ratio = embedding.get("budget_bytes"), embedding.get("budget_parameter_ratio")
+    if budget is not None and ratio is not None:
+        raise ValueError("[embedding]: budget_bytes and budget_parameter_ratio are both set; expected one of them")
     if budget is not None:
         integral = isinstance(budget, (int, float)) and not isinstance(budget, bool) and math.isfinite(budget)
         if not integral or budget != int(budget) or budget < 1:
@@ -154,10 +158,18 @@ def _budget(embedding: dict[str, Any]) -> tuple[int | None, float]:
                 "(leave it out for no budget)"
             )
         budget = int(budget)
+    if ratio is not None:
+        numeric = isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and math.isfinite(ratio)
+        if not numeric or not 0 < ratio <= 1:
+            raise ValueError(
+                f"[embedding]: budget_parameter_ratio = {ratio!r}, expected a fraction in (0, 1] of the "
+                "full tables' parameters (leave it out for no budget)"
+            )
+        ratio = float(ratio)
     min_fill = embedding.get("budget_min_fill", 0.9)
     if not isinstance(min_fill, (int, float)) or isinstance(min_fill, bool) or not 0 < min_fill <= 1:
         raise ValueError(f"[embedding]: budget_min_fill = {min_fill!r}, expected a fraction in (0, 1]")
-    return budget, float(min_fill)
+    return budget, ratio, float(min_fill)
 
 
 def train_config(table: dict[str, Any]) -> TrainConfig:
@@ -170,9 +182,9 @@ def embedding_spec(
 ) -> embtab.EmbeddingSpec:
     """The dataset's features with the configured width and method (sized to a budget if one is set)."""
     check_keys(table, EMBEDDING_KEYS, "[embedding]")
-    budget, min_fill = _budget(table)
-    settings = {k: v for k, v in table.items() if k not in ("budget_bytes", "budget_min_fill")}
-    if budget is not None:
+    budget, ratio, min_fill = _budget(table)
+    settings = {k: v for k, v in table.items() if k not in BUDGET_KEYS}
+    if budget is not None or ratio is not None:
         settings["method"] = _with_placeholder_size(settings.get("method", {"name": "full"}))
     try:
         spec = embtab.EmbeddingSpec.from_dict(
@@ -184,6 +196,8 @@ def embedding_spec(
         check_field_types(method, f"[embedding.{where}] {method.name}")
     if budget is not None:
         spec = solve_budget(spec, budget, optimizer, min_fill=min_fill).spec
+    elif ratio is not None:
+        spec = solve_parameter_ratio(spec, ratio, optimizer, min_fill=min_fill).spec
     return spec
 
 
@@ -264,7 +278,10 @@ def run(
         "dataset": config["data"]["name"],
         "model": config["model"]["name"],
         "method": spec.method.to_dict(),
+        "table_methods": {name: m.to_dict() for name, m in spec.table_methods},
         "embedding_bytes": memory.total,
+        "embedding_parameters": (parameters := spec_cost(spec, train.sparse()).parameters),
+        "embedding_parameter_ratio": parameters / full_table_parameters(spec),
         "embedding_parameter_bytes": memory.parameter_bytes,
         "total_parameters": embedding_parameters + dense_parameters,
         "world_size": trainer.world,

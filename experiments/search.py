@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable
@@ -29,10 +29,11 @@ from torchmetrics.functional.classification import binary_auroc
 
 import embtab
 from data import CTRDataset, DatasetSplits, load_dataset, make_dataloader
-from embtab.budget import full_table_bytes, solve_budget
+from embtab.budget import BudgetError, full_table_bytes, full_table_parameters, solve_budget, spec_cost
 from embtab.methods import DNIS, MDE, PEP, OptEmbed
 from embtab.search import EvolutionConfig, evolve
 from embtab.search import export as ex
+from embtab.search.sparse import csr_bytes, csr_charge, csr_export, csr_parameters, csr_shift
 from embtab.shard import embedding_tables_of, physical_weights
 from experiments.common import parser, write_json
 from experiments.ctr import SECTIONS, load_config, train_config
@@ -43,12 +44,19 @@ METHOD_NAMES = ("full", "optembed", "pep", "mde", "dnis")
 
 
 class Run:
-    """One seed's data, settings and the model factory shared by every method."""
+    """One seed's data, settings and the model factory shared by every method.
+
+    ``[search.train]`` overrides the [train] settings for the search stages (supernet, PEP's
+    thresholded table, DNIS's soft weights): the learnable parts need their own regime (the
+    reference codes' initialization scale, learning rates and epochs) to move at all.
+    """
 
     def __init__(self, config: dict[str, Any], seed: int, out: Path) -> None:
         self.config = config
         self.train = replace(train_config(config.get("train", {})), seed=seed, progress=False)
         self.search = dict(config.get("search", {}))
+        stage = {"restore_best": False, **self.search.get("train", {})}
+        self.stage_train = replace(self.train, **stage)
         data = dict(config["data"])
         self.splits: DatasetSplits = load_dataset(data.pop("name"), **data)
         self.features = self.splits.feature_specs()
@@ -56,24 +64,52 @@ class Run:
         self.optimizer = self.train.sparse()
         self.out = out
         self.full_bytes = full_table_bytes(self.spec(embtab.FullTable()), self.optimizer)
+        self.full_parameters = full_table_parameters(self.spec(embtab.FullTable()))
 
     def spec(self, method: embtab.MethodSpec) -> embtab.EmbeddingSpec:
         return embtab.EmbeddingSpec(features=self.features, dim=self.dim, method=method)
 
     def solved(self, method: embtab.MethodSpec, budget: Fraction) -> embtab.MethodSpec:
-        """`method` sized by `solve_budget` for `budget` of the full table's bytes."""
+        """`method` with its export target set by `solve_budget` to `budget` of the full bytes."""
         return solve_budget(self.spec(method), int(self.full_bytes * budget), self.optimizer, min_fill=0).method
+
+    def settings(self, method: type[embtab.MethodSpec]) -> dict[str, Any]:
+        """The [search] keys that are fields of `method`'s spec."""
+        names = {f.name for f in fields(method)}
+        return {k: v for k, v in self.search.items() if k in names}
 
     def model(self, tables: embtab.EmbeddingTables) -> nn.Module:
         settings = dict(self.config["model"])
         return build_model(settings.pop("name"), tables, dense_dim=self.splits.dense_dim, **settings)
 
-    def fit(self, tables: embtab.EmbeddingTables, name: str) -> tuple[Trainer, dict[str, Any], float]:
-        """Train a model on `tables`; the trainer, its result and the seconds it took."""
+    def fit(
+        self,
+        tables: embtab.EmbeddingTables,
+        name: str,
+        stage: bool = False,
+        model: nn.Module | None = None,
+        on_epoch: Callable[[Trainer], None] | None = None,
+    ) -> tuple[Trainer, dict[str, Any], float]:
+        """Train a model on `tables` (or `model`), with the search-stage settings when `stage`;
+        `on_epoch` sees the trainer after every epoch. The trainer, its result and the seconds."""
         start = time.perf_counter()
-        trainer = Trainer(self.model(tables), self.splits, self.train, self.out / name)
+        config = self.stage_train if stage else self.train
+        trainer = _Trainer(model or self.model(tables), self.splits, config, self.out / name, on_epoch=on_epoch)
         result = trainer.fit()
         return trainer, result, time.perf_counter() - start
+
+
+class _Trainer(Trainer):
+    """A `Trainer` that calls `on_epoch(trainer)` after every epoch (PEP's snapshots)."""
+
+    def __init__(self, *args: Any, on_epoch: Callable[[Trainer], None] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.on_epoch = on_epoch
+
+    def _end_epoch(self) -> None:
+        super()._end_epoch()
+        if self.on_epoch is not None:
+            self.on_epoch(self)
 
 
 def evaluate(model: nn.Module, dataset: CTRDataset, batch_size: int) -> float:
@@ -91,7 +127,8 @@ def run_full(run: Run) -> list[dict[str, Any]]:
     torch.manual_seed(run.train.seed)
     tables = embtab.EmbeddingTables(run.spec(embtab.FullTable()))
     _, result, seconds = run.fit(tables, "full")
-    return [_cell("full", Fraction(1), result["test_auc"], run.full_bytes, run.full_bytes, retrain_s=seconds)]
+    cell = _cell("full", "1", result, run.full_bytes, run.full_bytes, retrain_s=seconds)
+    return [{**cell, "parameters": run.full_parameters, "parameter_ratio": 1.0}]
 
 
 def run_mde(run: Run, budgets: list[Fraction]) -> list[dict[str, Any]]:
@@ -102,45 +139,58 @@ def run_mde(run: Run, budgets: list[Fraction]) -> list[dict[str, Any]]:
             method = MDE(alpha=float(run.search.get("mde_alpha", 0.3)))
             min_fill = float(run.search.get("mde_min_fill", 0.5))  # widths move in steps of 4
             fit = solve_budget(run.spec(method), target, run.optimizer, min_fill=min_fill)
-        except ValueError as error:
+        except BudgetError as error:
             cells.append({"method": "mde", "budget": str(budget), "unreachable": str(error)})
             continue
         torch.manual_seed(run.train.seed)
         tables = embtab.EmbeddingTables(fit.spec)
         widths = {n: m.width for n, m in tables.methods.items()}
         _, result, seconds = run.fit(tables, f"mde_{_tag(budget)}")
-        cells.append(
-            _cell("mde", budget, result["test_auc"], run.full_bytes, fit.bytes, widths=widths, retrain_s=seconds)
-        )
+        cell = _cell("mde", str(budget), result, run.full_bytes, fit.bytes, widths=widths, retrain_s=seconds)
+        cells.append({**cell, "parameters": fit.cost.parameters, "parameter_ratio": fit.parameter_ratio})
     return cells
 
 
 def run_optembed(run: Run, budgets: list[Fraction]) -> list[dict[str, Any]]:
-    settings = {k: run.search[k] for k in ("t_lr", "alpha", "sampling") if k in run.search}
+    """OptEmbed: the supernet (row thresholds and width sampling), then per result an evolutionary
+    width search and a fresh retrain of the found rows and widths. Its own learned result
+    ("optembed (learned)") keeps the rows the learned thresholds keep (no budget shift) and the
+    widths evolution finds best on validation; the budget-fitted rows ("optembed") raise the
+    shift until the export fits each budget."""
+    settings = run.settings(OptEmbed)
     torch.manual_seed(run.train.seed)
     supernet = embtab.EmbeddingTables(run.spec(OptEmbed(**settings)))
-    trainer, _, super_s = run.fit(supernet, "optembed_supernet")
+    trainer, _, super_s = run.fit(supernet, "optembed_supernet", stage=True)
     weights = physical_weights(trainer.model)
     tables = embedding_tables_of(trainer.model)[0]
     choices = [m.width_choices for m in tables.methods.values()]  # type: ignore[union-attr]
     config = EvolutionConfig(**{**run.search.get("evolution", {}), "seed": run.train.seed})
+    thresholds = {n: float(m.threshold.detach()) for n, m in tables.methods.items()}  # type: ignore[arg-type]
+    ex.set_shift(tables, 0.0)
+    learned_plans = ex.plans(tables, weights)
+    learned = {
+        "thresholds": thresholds,
+        "threshold_moved": max(abs(t) for t in thresholds.values()),  # from their initial 0
+        "learned_rows_pruned": _rows_pruned(learned_plans),
+        "search_epochs": len(trainer.state.history),
+        "supernet_s": super_s,
+    }
     cells = []
-    for budget in budgets:
+    for budget in [None, *budgets]:
         start = time.perf_counter()
-        target, counted = ex.budget_target(run.solved(OptEmbed(**settings), budget))
-        fitness = _fitness(trainer, tables, weights, target, counted)
+        target = ex.budget_target(run.solved(OptEmbed(**settings), budget)) if budget is not None else None
+        fitness = _fitness(trainer, tables, weights, target)
         found = evolve(choices, fitness, config)
         fitness(found.best)  # leave the masks at the best candidate
         evolution_s = time.perf_counter() - start
-        table_plans = ex.plans(tables, weights)
-        cell = _retrain(run, "optembed", budget, ex.fresh(table_plans))
+        label = "optembed" if budget is not None else "optembed (learned)"
+        cell = _retrain(run, label, budget, ex.fresh(ex.plans(tables, weights)))
         cell.update(
+            learned,
             search_s=super_s + evolution_s,
-            supernet_s=super_s,
             evolution_s=evolution_s,
             supernet_valid_auc=found.fitness,
             evaluations=len(found.scores),
-            thresholds={n: float(m.threshold.detach()) for n, m in tables.methods.items()},  # type: ignore[arg-type]
         )
         cells.append(cell)
     return cells
@@ -150,108 +200,211 @@ def _fitness(
     trainer: Trainer,
     tables: embtab.EmbeddingTables,
     weights: dict[str, torch.Tensor],
-    budget: int,
-    optimizer: embtab.SparseOptimizer | None,
+    target: tuple[int, embtab.SparseOptimizer | None] | None,
 ) -> Callable[[tuple[int, ...]], float]:
-    """Validation AUC of the supernet with a candidate's widths, pruned to fit `budget`."""
+    """Validation AUC of the supernet with a candidate's widths, pruned to fit the `target`
+    (bytes, optimizer) or at the learned thresholds alone (None)."""
     methods = list(tables.methods.values())
 
     def fitness(candidate: tuple[int, ...]) -> float:
         for method, width in zip(methods, candidate):
             method.eval_width.fill_(width)  # type: ignore[union-attr,operator]
-        ex.set_shift(tables, ex.fit_shift(ex.table_scores(tables, weights), budget, optimizer))
+        shift = 0.0 if target is None else ex.fit_shift(ex.table_scores(tables, weights), *target)
+        ex.set_shift(tables, shift)
         return trainer.evaluate(trainer.splits.valid).auc
 
     return fitness
 
 
 def run_pep(run: Run, budgets: list[Fraction]) -> list[dict[str, Any]]:
-    settings = {k: run.search[k] for k in ("granularity", "init_threshold") if k in run.search}
+    """PEP: train the soft-thresholded table until its learned sparsity reaches every budget (or
+    the stage's epochs run out), snapshotting the element mask when it first fits a budget, as the
+    reference does ("pep (learned)": no budget shift); the budget-fitted variant ("pep") prunes
+    the final table's smallest margins until the CSR export fits. Both rewind the kept elements
+    to their initial values and retrain; bytes are the CSR export's (`embtab.search.sparse`)."""
+    settings = run.settings(PEP)
     torch.manual_seed(run.train.seed)
     pep = embtab.EmbeddingTables(run.spec(PEP(**settings)))
     initial = physical_weights(pep)
-    trainer, _, search_s = run.fit(pep, "pep_search")
+    targets = {budget: int(run.full_bytes * budget) for budget in budgets}
+    snapshots: dict[Fraction, tuple[int, dict[str, ex.TablePlan]]] = {}
+    trajectory: list[dict[str, float]] = []
+
+    def on_epoch(trainer: Trainer) -> None:
+        tables = embedding_tables_of(trainer.model)[0]
+        ex.set_shift(tables, 0.0)
+        plans = ex.plans(tables, physical_weights(trainer.model))
+        charge = _csr_charge(plans)
+        epoch = len(trainer.state.history)
+        trajectory.append({"epoch": epoch, "csr_bytes": charge, "element_sparsity": _element_sparsity(plans, run)})
+        for budget, target in targets.items():
+            if budget not in snapshots and charge <= target:
+                snapshots[budget] = (epoch, plans)
+        if len(snapshots) == len(targets):
+            trainer.state.finished = True  # the reference stops once the smallest target is reached
+
+    trainer, _, search_s = run.fit(pep, "pep_search", stage=True, on_epoch=on_epoch)
     weights = physical_weights(trainer.model)
     tables = embedding_tables_of(trainer.model)[0]
-    ex.set_shift(tables, 0.0)
-    learned = ex.plans(tables, weights)
-    learned_sparsity = _element_sparsity(learned, run)
+    s_moved = {n: float((m.s.detach() - run.search.get("init_threshold", PEP.init_threshold)).abs().max())
+               for n, m in tables.methods.items() if hasattr(m, "s")}  # type: ignore[union-attr,operator]
+    common = {
+        "search_s": search_s,
+        "search_epochs": len(trainer.state.history),
+        "learned_element_sparsity": trajectory[-1]["element_sparsity"] if trajectory else 0.0,
+        "threshold_moved": max(s_moved.values(), default=0.0),
+        "sparsity_trajectory": trajectory,
+    }
     cells = []
-    for budget in budgets:
-        start = time.perf_counter()
-        target, counted = ex.budget_target(run.solved(PEP(**settings), budget))
-        ex.set_shift(tables, ex.fit_shift(ex.table_scores(tables, weights), target, counted))
-        table_plans = ex.plans(tables, weights)
-        fit_s = time.perf_counter() - start
-        cell = _retrain(run, "pep", budget, ex.rewind(table_plans, initial))
-        cell.update(
-            search_s=search_s + fit_s,
-            learned_element_sparsity=learned_sparsity,
-            element_sparsity=_element_sparsity(table_plans, run),
-        )
-        cells.append(cell)
+    for budget, target in targets.items():
+        if budget in snapshots:
+            epoch, plans = snapshots[budget]
+            cell = _retrain_sparse(run, "pep (learned)", budget, ex.rewind(plans, initial))
+            cells.append({**cell, **common, "reached_at_epoch": epoch})
+        else:
+            cells.append({"method": "pep (learned)", "budget": str(budget), **common,
+                          "unreachable": f"learned sparsity did not reach {target} CSR bytes in "
+                                         f"{common['search_epochs']} epochs (reached {trajectory[-1]['csr_bytes']})"})
+        with torch.no_grad():
+            margins = {n: m.margins(*_physical_args(m, weights)) for n, m in tables.methods.items()}
+        try:
+            ex.set_shift(tables, csr_shift(margins, target))
+        except ValueError as error:
+            cells.append({"method": "pep", "budget": str(budget), "unreachable": str(error)})
+            continue
+        plans = ex.plans(tables, weights)
+        cell = _retrain_sparse(run, "pep", budget, ex.rewind(plans, initial))
+        cells.append({**cell, **common})
     return cells
 
 
+def _physical_args(method: Any, weights: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    tensors = [weights[p.name] for p in method.physical_tables]
+    return (tensors[0], tensors[1]) if method.per_id else (tensors[0],)
+
+
+def _csr_charge(plans: dict[str, ex.TablePlan]) -> int:
+    """Bytes of the plans' CSR exports (every table's rows, its non-zero elements)."""
+    return sum(csr_charge(p.keep.numel(), _nonzeros(p)) for p in plans.values())
+
+
+def _nonzeros(plan: ex.TablePlan) -> int:
+    return int((plan.values != 0).sum())  # type: ignore[union-attr]
+
+
+def _retrain_sparse(run: Run, label: str, budget: Fraction, plans: dict[str, ex.TablePlan]) -> dict[str, Any]:
+    """Retrain an element-sparse plan (zeros frozen), then charge it its real CSR export."""
+    cell = _retrain(run, label, budget, plans)
+    parameters = sum(csr_parameters(p.keep.numel(), _nonzeros(p)) for p in plans.values())
+    cell.update(
+        train_bytes=cell["bytes"],
+        bytes=_csr_charge(plans),
+        export_csr_bytes=cell.pop("csr_bytes"),
+        parameters=parameters,
+        element_sparsity=_element_sparsity(plans, run),
+    )
+    cell["parameter_ratio"] = cell["parameters"] / run.full_parameters
+    return cell
+
+
 def run_dnis(run: Run, budgets: list[Fraction]) -> list[dict[str, Any]]:
-    """DNIS: train the soft dimension weights with the model, prune columns to the budget, fine-tune."""
+    """DNIS: train the soft dimension weights with the model, prune columns (none for its own
+    result "dnis (learned)"; to each budget for "dnis"), then fine-tune with the trained dense
+    network kept."""
     torch.manual_seed(run.train.seed)
     dnis = embtab.EmbeddingTables(run.spec(DNIS()))
-    trainer, _, search_s = run.fit(dnis, "dnis_search")
+    trainer, _, search_s = run.fit(dnis, "dnis_search", stage=True)
     weights = physical_weights(trainer.model)
     tables = embedding_tables_of(trainer.model)[0]
+    alphas = {n: m.alpha.detach() for n, m in tables.methods.items()}  # type: ignore[union-attr]
+    common = {
+        "search_s": search_s,
+        "search_epochs": len(trainer.state.history),
+        "threshold_moved": max(float((a - 1).abs().max()) for a in alphas.values()),  # from their initial 1
+        "alpha_spread": {n: [float(a.abs().min()), float(a.abs().max())] for n, a in alphas.items()},
+    }
     cells = []
-    for budget in budgets:
-        target, counted = ex.budget_target(run.solved(DNIS(), budget))
-        try:
-            ex.set_shift(tables, ex.fit_shift(ex.table_scores(tables, weights), target, counted))
-        except ValueError as error:
-            cells.append({"method": "dnis", "budget": str(budget), "unreachable": str(error)})
-            continue
-        cell = _retrain(run, "dnis", budget, ex.plans(tables, weights))
-        cell["search_s"] = search_s
-        cells.append(cell)
+    for budget in [None, *budgets]:
+        shift = 0.0
+        if budget is not None:
+            try:
+                shift = ex.fit_shift(ex.table_scores(tables, weights), *ex.budget_target(run.solved(DNIS(), budget)))
+            except ValueError as error:
+                cells.append({"method": "dnis", "budget": str(budget), "unreachable": str(error)})
+                continue
+        ex.set_shift(tables, shift)
+        label = "dnis" if budget is not None else "dnis (learned)"
+        cell = _retrain(run, label, budget, ex.plans(tables, weights), dense_from=trainer)
+        cells.append({**cell, **common})
     return cells
 
 
 def _element_sparsity(table_plans: dict[str, ex.TablePlan], run: Run) -> float:
     """Share of the full table's elements that are zero (PEP's own measure)."""
     nonzero = sum(int((p.values != 0).sum()) for p in table_plans.values() if p.values is not None)
-    total = sum(t.cardinality * run.dim for t in run.spec(embtab.FullTable()).tables())
-    return 1 - nonzero / total
+    return 1 - nonzero / run.full_parameters
 
 
-def _retrain(run: Run, method: str, budget: Fraction, table_plans: dict[str, ex.TablePlan]) -> dict[str, Any]:
-    """Retrain the compact architecture, then export it (fp32 and int8) and test both."""
+def _rows_pruned(table_plans: dict[str, ex.TablePlan]) -> float:
+    cardinality = sum(p.keep.numel() for p in table_plans.values())
+    return 1 - sum(p.kept for p in table_plans.values()) / cardinality
+
+
+def _retrain(
+    run: Run,
+    method: str,
+    budget: Fraction | None,
+    table_plans: dict[str, ex.TablePlan],
+    dense_from: Trainer | None = None,
+) -> dict[str, Any]:
+    """Retrain the compact architecture (the dense network afresh, or kept from `dense_from`),
+    then export it (fp32, int8 and CSR) and test the exports."""
     torch.manual_seed(run.train.seed)
     spec = run.spec(embtab.FullTable())
     compact = ex.build_compact(spec, table_plans, freeze_zeros=True)
     trained_bytes = compact.memory_bytes(run.optimizer).total
-    trainer, result, retrain_s = run.fit(compact, f"{method}_{_tag(budget)}")
+    model = None
+    if dense_from is not None:
+        model = run.model(compact)
+        _load_dense(model, dense_from.model.module)
+    trainer, result, retrain_s = run.fit(compact, f"{method.replace(' ', '_')}_{_tag(budget)}", model=model)
     exported = _export(run, trainer, table_plans)
     fp32_auc = evaluate(exported, run.splits.test, run.train.eval_batch_size)
     fp32_bytes = ex.allocated_bytes(exported.embeddings)
+    final = ex.trained(table_plans, physical_weights(trainer.model))
+    csr = sum(csr_bytes(csr_export(_dense_rows(p, run.dim))) for p in final.values())
     ex.quantize(exported.embeddings)
     int8_auc = evaluate(exported, run.splits.test, run.train.eval_batch_size)
-    cardinality = sum(p.keep.numel() for p in table_plans.values())
-    cell = _cell(
-        method,
-        budget,
-        result["test_auc"],
-        run.full_bytes,
-        trained_bytes,
-        widths={n: p.width for n, p in table_plans.items()},
-        retrain_s=retrain_s,
-    )
+    parameters = spec_cost(ex.compact_spec(spec, table_plans, True), run.optimizer).parameters
+    cell = _cell(method, _budget_text(budget), result, run.full_bytes, trained_bytes,
+                 widths={n: p.width for n, p in table_plans.items()}, retrain_s=retrain_s)
     cell.update(
-        rows_pruned=1 - sum(p.kept for p in table_plans.values()) / cardinality,
+        parameters=parameters,
+        parameter_ratio=parameters / run.full_parameters,
+        rows_pruned=_rows_pruned(table_plans),
         rows_pruned_per_table={n: 1 - p.kept / p.keep.numel() for n, p in table_plans.items()},
         export_fp32_test_auc=fp32_auc,
         export_fp32_bytes=fp32_bytes,
         int8_test_auc=int8_auc,
         int8_bytes=ex.allocated_bytes(exported.embeddings),
+        csr_bytes=csr,
     )
     return cell
+
+
+def _dense_rows(plan: ex.TablePlan, dim: int) -> torch.Tensor:
+    """A plan's values back at their rows and columns of the full ``[n, dim]`` table."""
+    rows = torch.zeros(plan.keep.numel(), dim)
+    rows[plan.keep.nonzero().squeeze(1).unsqueeze(1), plan.columns.unsqueeze(0)] = plan.values  # type: ignore[index]
+    return rows
+
+
+def _load_dense(model: nn.Module, source: nn.Module) -> None:
+    """Copy the dense (non-embedding) parameters and buffers of `source` into `model`."""
+    dense = {k: v for k, v in source.state_dict().items() if not isinstance(v, ShardedTensor)}
+    mine = model.state_dict()
+    shared = {k: v for k, v in dense.items() if k in mine and mine[k].shape == v.shape and ".embeddings." not in k}
+    model.load_state_dict(shared, strict=False)
 
 
 def _export(run: Run, trainer: Trainer, table_plans: dict[str, ex.TablePlan]) -> nn.Module:
@@ -269,26 +422,35 @@ def _export(run: Run, trainer: Trainer, table_plans: dict[str, ex.TablePlan]) ->
 
 def _cell(
     method: str,
-    budget: Fraction,
-    auc: float,
+    budget: str,
+    result: dict[str, Any],
     full_bytes: int,
     bytes_: int,
     widths: dict[str, int] | None = None,
     retrain_s: float = 0.0,
 ) -> dict[str, Any]:
+    fraction = Fraction(budget) if budget != "learned" else None
     return {
         "method": method,
-        "budget": str(budget),
-        "test_auc": auc,
+        "budget": budget,
+        "test_auc": result["test_auc"],
+        "test_logloss": result["test_logloss"],
+        "valid_auc": result["valid_auc"],
+        "best_epoch": result["best_epoch"],
+        "epochs_run": result["epochs_run"],
         "bytes": bytes_,
-        "budget_bytes": int(full_bytes * budget),
+        "budget_bytes": int(full_bytes * fraction) if fraction is not None else None,
         "widths": widths,
         "retrain_s": retrain_s,
     }
 
 
-def _tag(budget: Fraction) -> str:
-    return str(budget).replace("/", "_")
+def _budget_text(budget: Fraction | None) -> str:
+    return "learned" if budget is None else str(budget)
+
+
+def _tag(budget: Fraction | None) -> str:
+    return _budget_text(budget).replace("/", "_")
 
 
 def summarize(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:

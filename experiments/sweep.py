@@ -1,18 +1,30 @@
-"""Memory-budget sweep: every method at the same byte budgets, one results table, a Pareto plot.
+"""Memory-budget sweep: every method at the same budgets, one results table, one Pareto plot.
 
-    python -m experiments.sweep --dataset movielens --model din --budgets 1/4 1/16 --seeds 1 --out results/sweep
+    python -m experiments.sweep --config experiments/configs/din_movielens.toml --budgets 1/2 1/4 1/16 1/64 --seeds 3 --out results/sweep
 
-Each cell (method x budget x seed) trains and evaluates with the protocol of `experiments.ctr`
-(same split, early stopping and optimizer settings). A cell whose method cannot reach a budget is
-recorded as unreachable with the reason. Finished cells are skipped on a re-run, so a killed sweep
-loses at most the cells in progress; a finished cell keeps its row and metrics, not its
-checkpoints. Writes `results.parquet`, `results.csv`, `summary.md` and `pareto.png` to the output
-folder.
+Methods: every registered method with a size knob or fixed bytes (each sized per table by
+`embtab.budget`), MDE, the hot-id variants (``hashing_trick+hot``, ``multi_hash+hot``: each table's
+hottest training ids, ``--hot-share`` of its rows, get exclusive rows and the rest hash, as the
+VLDB benchmark's AdaptEmb), and the learned-size methods ``optembed``, ``pep`` and ``dnis``, whose
+stages (search, budget fit, retrain) run inside one cell per seed (`experiments.search`) and give
+two kinds of rows: the method's own learned result (``optembed (learned)``: no budget shift) and
+its budget-fitted variant (``optembed``). Every model trains with the protocol of
+`experiments.ctr` (same split, epochs with early stopping on validation, optimizer settings).
+
+Budgets: ``1/16`` is a fraction of the full table's bytes (weights + fused optimizer state),
+``p1/16`` a VLDB-style parameter ratio (parameters kept / full parameters, no optimizer state),
+``1048576B`` bytes. Every row records both accountings (``bytes``, ``parameter_ratio``) and the
+cell's wall time. A budget a method cannot reach is recorded as unreachable with the reason.
+
+Finished cells are skipped on a re-run, so a killed sweep loses at most the cells in progress; a
+finished cell keeps its rows, not its checkpoints. ``--report-only`` writes the outputs of the
+cells finished so far and trains nothing. Writes `results.parquet`, `results.csv`,
+`summary.md` and `pareto.png` to the output folder.
 
     torchrun --nproc_per_node 2 -m experiments.sweep --distributed --threads 1 --config ... --out ...
 
-With `--distributed` every cell is trained by all ranks together (tables sharded as the config's
-[sharding] table says); rank 0 writes every file.
+With `--distributed` every sized cell is trained by all ranks together (tables sharded as the
+config's [sharding] table says); learned-size cells run on rank 0 alone; rank 0 writes every file.
 """
 
 from __future__ import annotations
@@ -32,17 +44,27 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from embtab.files import atomic_write_text
+from embtab.budget import BudgetError
 from experiments.common import is_writer, join_torchrun, parser
-from experiments.ctr import load_config, run
+from experiments.ctr import SECTIONS, load_config, run
 from experiments.engine import BEST, CHECKPOINT
 
 DEFAULT_BUDGETS = ("1", "1/2", "1/4", "1/16", "1/64", "1/256")
+LEARNED = ("optembed", "pep", "dnis")
+HOT = "+hot"
+HOT_METHODS = ("hashing_trick", "multi_hash")
 RESULT = "cell.json"
+ALL_BUDGETS = "all"
+DETAILS = (
+    "threshold_moved", "learned_rows_pruned", "learned_element_sparsity", "element_sparsity", "rows_pruned",
+    "search_s", "search_epochs", "reached_at_epoch", "int8_test_auc", "export_csr_bytes", "train_bytes",
+)
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One training run of the sweep."""
+    """One unit of work: a sized method at one budget and seed, or a learned-size method's
+    stages for every budget of one seed (``budget == "all"``)."""
 
     method: str
     budget: str
@@ -53,20 +75,68 @@ class Cell:
         return f"{self.method}__{self.budget.replace('/', 'over')}__seed{self.seed}"
 
 
+@dataclass(frozen=True)
+class Budget:
+    """A budget as given: ``kind`` is "bytes" (a fraction of the full bytes, or absolute bytes)
+    or "parameters" (a parameter ratio)."""
+
+    text: str
+
+    @property
+    def kind(self) -> str:
+        return "parameters" if self.text.startswith("p") else "bytes"
+
+    @property
+    def fraction(self) -> Fraction | None:
+        """The fraction of the full table (bytes or parameters), None for absolute bytes."""
+        if self.text.endswith("B"):
+            return None
+        return Fraction(self.text[1:] if self.kind == "parameters" else self.text)
+
+    def bytes(self, full_bytes: int) -> int:
+        return int(full_bytes * self.fraction) if self.fraction is not None else int(self.text[:-1])
+
+
 def budget_fraction(text: str) -> Fraction | None:
-    """A budget given as a fraction of the full table's bytes ('1/16'), or None for bytes ('1048576B')."""
-    return None if text.endswith("B") else Fraction(text)
+    """A budget's fraction of the full table ('1/16', 'p1/16'), or None for bytes ('1048576B')."""
+    return Budget(text).fraction
 
 
 def cell_config(base: dict[str, Any], cell: Cell, full_bytes: int, params: dict[str, Any]) -> dict[str, Any]:
-    config = copy.deepcopy(base)
-    fraction = budget_fraction(cell.budget)
-    budget = int(full_bytes * fraction) if fraction is not None else int(cell.budget[:-1])
-    config["embedding"]["method"] = {"name": cell.method, **params.get(cell.method, {})}
-    if cell.method != "full" or fraction != 1:
-        config["embedding"]["budget_bytes"] = budget
+    """The experiments.ctr config of a sized cell (its method, budget and seed)."""
+    config = {k: copy.deepcopy(v) for k, v in base.items() if k in SECTIONS}
+    budget = Budget(cell.budget)
+    method = cell.method.removesuffix(HOT)
+    config["embedding"]["method"] = {"name": method, **params.get(method, {})}
+    if budget.kind == "parameters":
+        config["embedding"]["budget_parameter_ratio"] = float(budget.fraction)  # type: ignore[arg-type]
+    elif method != "full" or budget.fraction != 1:
+        config["embedding"]["budget_bytes"] = budget.bytes(full_bytes)
     config["train"] = {**config.get("train", {}), "seed": cell.seed, "progress": False}
     return config
+
+
+def hot_overrides(config: dict[str, Any], hot_share: float) -> dict[str, dict[str, Any]]:
+    """Per table, the method with its hottest training ids exclusive, taking `hot_share` of the
+    rows the plain method gets at this budget (AdaptEmb-style; a multi-hash id takes a row per
+    probe); the solver then sizes the hashed rest so that the table keeps its share of the budget."""
+    from data import load_dataset
+    from embtab.methods.frequency import hottest_ids
+    from experiments.ctr import embedding_spec, train_config
+
+    data = dict(config["data"])
+    splits = load_dataset(data.pop("name"), **data)
+    plain = embedding_spec(config["embedding"], splits, train_config(config.get("train", {})).sparse())
+    counts = splits.id_counts()
+    method = config["embedding"]["method"]
+    overrides = {}
+    for table, sized in plain.table_methods:
+        rows = getattr(sized, "rows", None)
+        if rows is None:  # left full: too small to gain
+            continue
+        hot = int(hot_share * rows / getattr(sized, "hashes", 1))  # each probe gives a hot id a row
+        overrides[table] = {**method, "rows": rows, "hot_ids": list(hottest_ids(counts[table], hot))}
+    return overrides
 
 
 def run_cell(
@@ -76,45 +146,111 @@ def run_cell(
     params: dict[str, Any],
     out: str,
     threads: int,
+    hot_share: float,
+    budgets: list[str],
     process_group: dist.ProcessGroup | None = None,
-) -> dict[str, Any]:
-    """Train one cell (in a worker process when --jobs > 1, on every rank when distributed) and
-    record its row."""
-    config = cell_config(base, cell, full_bytes, params)
-    config["train"]["threads"] = threads
+) -> list[dict[str, Any]]:
+    """Run one cell (in a worker process when --jobs > 1, on every rank when distributed) and
+    record its rows."""
     folder = Path(out) / "cells" / cell.name
     start = time.perf_counter()
-    row: dict[str, Any] = {"method": cell.method, "budget": cell.budget, "seed": cell.seed}
-    try:
-        summary = run(config, folder, process_group=process_group)
-    except ValueError as error:
-        if "budget" not in str(error):
-            raise
-        row.update(status="unreachable", reason=str(error))
+    if cell.budget == ALL_BUDGETS:
+        rows = _learned_rows(base, cell, budgets, folder, threads) if is_writer() else []
     else:
-        row.update(
-            status="ok",
-            parameters=json.dumps(summary["method"]),
-            budget_bytes=config["embedding"].get("budget_bytes", full_bytes),
-            bytes=summary["embedding_bytes"],
-            compression=full_bytes / summary["embedding_bytes"],
-            fill=summary["embedding_bytes"] / config["embedding"].get("budget_bytes", full_bytes),
-            test_auc=summary["test_auc"],
-            test_logloss=summary["test_logloss"],
-            train_samples_per_s=summary["train_samples_per_s"],
-            inference_samples_per_s=summary["inference_samples_per_s"],
-        )
-    row["wall_seconds"] = time.perf_counter() - start
+        rows = [_sized_row(base, cell, full_bytes, params, folder, threads, hot_share, process_group)]
+    for row in rows:
+        row["wall_seconds"] = time.perf_counter() - start
     if is_writer():
-        _record(folder, row)
+        _record(folder, rows)
     if process_group is not None:
         dist.barrier(process_group)
-    return row
+    return rows
 
 
-def _record(folder: Path, row: dict[str, Any]) -> None:
-    """Write the cell's row (atomically) and drop its checkpoints."""
-    atomic_write_text(folder / RESULT, json.dumps(row))
+def _sized_row(
+    base: dict[str, Any],
+    cell: Cell,
+    full_bytes: int,
+    params: dict[str, Any],
+    folder: Path,
+    threads: int,
+    hot_share: float,
+    process_group: dist.ProcessGroup | None,
+) -> dict[str, Any]:
+    row: dict[str, Any] = {"method": cell.method, "budget": cell.budget, "seed": cell.seed}
+    config = cell_config(base, cell, full_bytes, params)
+    config["train"]["threads"] = threads
+    try:
+        if cell.method.endswith(HOT):
+            config["embedding"]["table_methods"] = hot_overrides(config, hot_share)
+        summary = run(config, folder, process_group=process_group)
+    except BudgetError as error:
+        return {**row, "status": "unreachable", "reason": str(error)}
+    budget = Budget(cell.budget)
+    return {
+        **row,
+        "status": "ok",
+        "parameters_json": json.dumps({"method": summary["method"], "tables": summary["table_methods"]}),
+        "budget_bytes": budget.bytes(full_bytes) if budget.kind == "bytes" else None,
+        "bytes": summary["embedding_bytes"],
+        "parameters": summary["embedding_parameters"],
+        "parameter_ratio": summary["embedding_parameter_ratio"],
+        "compression": full_bytes / summary["embedding_bytes"],
+        "test_auc": summary["test_auc"],
+        "test_logloss": summary["test_logloss"],
+        "valid_auc": summary["valid_auc"],
+        "best_epoch": summary["best_epoch"],
+        "epochs_run": summary["epochs_run"],
+        "train_samples_per_s": summary["train_samples_per_s"],
+        "inference_samples_per_s": summary["inference_samples_per_s"],
+    }
+
+
+def _learned_rows(
+    base: dict[str, Any], cell: Cell, budgets: list[str], folder: Path, threads: int
+) -> list[dict[str, Any]]:
+    """A learned-size method's stages for every byte budget of the sweep (parameter-ratio budgets
+    are recorded as unreachable: their export targets are bytes)."""
+    from experiments import search
+
+    config = copy.deepcopy(base)
+    config["train"] = {**config.get("train", {}), "threads": threads}
+    fractions = [Budget(b).fraction for b in budgets if Budget(b).kind == "bytes" and Budget(b).fraction is not None]
+    runner = search.Run(config, cell.seed, folder)
+    produced = {"optembed": search.run_optembed, "pep": search.run_pep, "dnis": search.run_dnis}[cell.method](
+        runner, [f for f in fractions if f < 1]  # type: ignore[misc]
+    )
+    rows = []
+    for cell_row in produced:
+        row: dict[str, Any] = {"method": cell_row["method"], "budget": cell_row["budget"], "seed": cell.seed}
+        if "test_auc" not in cell_row:
+            rows.append({**row, "status": "unreachable", "reason": cell_row["unreachable"]})
+            continue
+        row.update(
+            status="ok",
+            parameters_json=json.dumps({"widths": cell_row.get("widths")}),
+            budget_bytes=cell_row.get("budget_bytes"),
+            bytes=cell_row["bytes"],
+            parameters=cell_row["parameters"],
+            parameter_ratio=cell_row["parameter_ratio"],
+            compression=runner.full_bytes / cell_row["bytes"],
+            **{k: cell_row[k] for k in ("test_auc", "test_logloss", "valid_auc", "best_epoch", "epochs_run")},
+            **{k: cell_row[k] for k in DETAILS if k in cell_row},
+        )
+        rows.append(row)
+    for budget in budgets:
+        if Budget(budget).kind == "parameters":
+            reason = f"{cell.method} takes byte budgets (its export target), not a parameter ratio"
+            row = {"method": cell.method, "budget": budget, "seed": cell.seed}
+            rows.append({**row, "status": "unreachable", "reason": reason})
+    return rows
+
+
+def _record(folder: Path, rows: list[dict[str, Any]]) -> None:
+    """Write the cell's rows (atomically) and drop its checkpoints."""
+    atomic_write_text(folder / RESULT, json.dumps(rows))
+    for checkpoint in folder.rglob("*.pt"):
+        checkpoint.unlink()
     for checkpoint in (CHECKPOINT, BEST):
         (folder / checkpoint).unlink(missing_ok=True)
 
@@ -134,7 +270,7 @@ def full_table_bytes(base: dict[str, Any]) -> int:
     return tables.memory_bytes(train_config(base.get("train", {})).sparse()).total
 
 
-def finished(out: Path, cell: Cell) -> dict[str, Any] | None:
+def finished(out: Path, cell: Cell) -> list[dict[str, Any]] | None:
     path = out / "cells" / cell.name / RESULT
     return json.loads(path.read_text()) if path.exists() else None
 
@@ -146,38 +282,48 @@ def sweep(
     out: Path,
     jobs: int,
     threads: int,
+    hot_share: float = 0.5,
+    budgets: list[str] | None = None,
     process_group: dist.ProcessGroup | None = None,
 ) -> pl.DataFrame:
     full_bytes = full_table_bytes(base)
-    rows = [r for c in cells if (r := finished(out, c)) is not None]
+    budgets = budgets or sorted({c.budget for c in cells if c.budget != ALL_BUDGETS})
+    rows = [r for c in cells for r in (finished(out, c) or [])]
     todo = [c for c in cells if finished(out, c) is None]
     progress = tqdm(
         total=len(cells), initial=len(cells) - len(todo), unit="cell", desc="sweep", disable=not is_writer()
     )
+    arguments = (full_bytes, params, str(out), threads, hot_share, budgets)
     if jobs > 1:
         # Spawned, not forked: a forked worker would inherit this process's gloo group.
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(run_cell, base, c, full_bytes, params, str(out), threads) for c in todo]
+            futures = [pool.submit(run_cell, base, c, *arguments) for c in todo]
             for future in futures:
-                rows.append(future.result())
+                rows += future.result()
                 progress.update(1)
     else:
         for cell in todo:
-            rows.append(run_cell(base, cell, full_bytes, params, str(out), threads, process_group))
+            rows += run_cell(base, cell, *arguments, process_group)
             progress.update(1)
     progress.close()
     return pl.DataFrame(rows, infer_schema_length=None)
 
 
-def summarize(results: pl.DataFrame) -> str:
-    """Markdown: test AUC mean +- std over seeds per method and budget, best per budget in bold."""
+def _stats(results: pl.DataFrame) -> pl.DataFrame:
     ok = results.filter(pl.col("status") == "ok")
-    stats = ok.group_by("method", "budget").agg(
+    return ok.group_by("method", "budget").agg(
         pl.col("test_auc").mean().alias("auc"),
         pl.col("test_auc").std().fill_null(0.0).alias("std"),
         pl.col("bytes").mean().alias("bytes"),
-        pl.col("train_samples_per_s").mean().alias("speed"),
+        pl.col("parameter_ratio").mean().alias("ratio"),
+        pl.col("wall_seconds").mean().alias("seconds"),
     )
+
+
+def summarize(results: pl.DataFrame) -> str:
+    """Markdown: test AUC mean ± std over seeds per method and budget (bytes and parameter ratio
+    beside it), the best per budget in bold, then the winner of each budget."""
+    stats = _stats(results)
     budgets = sorted(results["budget"].unique().to_list(), key=_budget_order)
     methods = sorted(results["method"].unique().to_list())
     best = {
@@ -185,9 +331,7 @@ def summarize(results: pl.DataFrame) -> str:
         for b in budgets
     }
     lines = [
-        "| method | "
-        + " | ".join(f"{b} of full" if budget_fraction(b) is not None else b for b in budgets)
-        + " |",
+        "| method | " + " | ".join(_budget_title(b) for b in budgets) + " |",
         "|---" * (len(budgets) + 1) + "|",
     ]
     for method in methods:
@@ -195,17 +339,62 @@ def summarize(results: pl.DataFrame) -> str:
         for b in budgets:
             hit = stats.filter((pl.col("method") == method) & (pl.col("budget") == b))
             if hit.height == 0:
-                cells.append("unreachable")
+                present = results.filter((pl.col("method") == method) & (pl.col("budget") == b)).height
+                cells.append("unreachable" if present else "")
                 continue
-            text = f"{hit['auc'][0]:.4f} ± {hit['std'][0]:.4f} ({_size(hit['bytes'][0])})"
+            text = (
+                f"{hit['auc'][0]:.4f} ± {hit['std'][0]:.4f} ({_size(hit['bytes'][0])}, "
+                f"p={hit['ratio'][0]:.3g}, {hit['seconds'][0]:.0f} s)"
+            )
             cells.append(f"**{text}**" if best[b] == [method] else text)
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\nTest AUC, mean ± std over seeds (real bytes: weights + optimizer state).\n"
+    winners = [f"{_budget_title(b)}: {best[b][0]}" for b in budgets if best[b]]
+    return (
+        "\n".join(lines)
+        + "\n\nTest AUC, mean ± std over seeds (bytes allocated: weights + optimizer state, or the CSR "
+        "export for PEP; p: parameters kept / full parameters; wall seconds per cell).\n\n"
+        + "Best per budget: "
+        + "; ".join(winners)
+        + "\n"
+        + _learned_summary(results)
+    )
 
 
-def _budget_order(text: str) -> float:
-    fraction = budget_fraction(text)
-    return -float(fraction) if fraction is not None else -float(text[:-1])
+def _learned_summary(results: pl.DataFrame) -> str:
+    """Markdown: what each learned-size method learned by itself (means over seeds)."""
+    columns = [c for c in ("threshold_moved", "learned_rows_pruned", "learned_element_sparsity", "search_epochs",
+                           "reached_at_epoch", "search_s") if c in results.columns]
+    learned = results.filter(pl.col("method").str.contains("learned") & (pl.col("status") == "ok"))
+    if learned.height == 0 or not columns:
+        return ""
+    stats = learned.group_by("method", "budget").agg(
+        pl.col("parameter_ratio").mean(), pl.col("test_auc").mean(), *[pl.col(c).mean() for c in columns]
+    ).sort("method", "budget")
+    header = ["method", "budget", "test AUC", "parameter ratio", *columns]
+    lines = ["", "Learned by the methods themselves (no budget shift; means over seeds):", "",
+             "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for row in stats.iter_rows(named=True):
+        values = [row["method"], row["budget"], f"{row['test_auc']:.4f}", f"{row['parameter_ratio']:.3g}"]
+        values += ["-" if row[c] is None else f"{row[c]:.3g}" for c in columns]
+        lines.append("| " + " | ".join(values) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _budget_title(text: str) -> str:
+    if text == "learned":
+        return "own learned size"
+    budget = Budget(text)
+    if budget.fraction is None:
+        return text
+    return f"{text[1:]} of full parameters" if budget.kind == "parameters" else f"{text} of full bytes"
+
+
+def _budget_order(text: str) -> tuple[int, float]:
+    if text == "learned":
+        return (2, 0.0)
+    budget = Budget(text)
+    value = float(budget.fraction) if budget.fraction is not None else float(text[:-1])
+    return (0 if budget.kind == "bytes" else 1, -value)
 
 
 def _size(n: float) -> str:
@@ -223,14 +412,10 @@ def pareto_plot(results: pl.DataFrame, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = results.filter(pl.col("status") == "ok")
-    stats = ok.group_by("method", "budget").agg(
-        pl.col("bytes").mean(),
-        pl.col("test_auc").mean().alias("auc"),
-        pl.col("test_auc").std().fill_null(0.0).alias("std"),
-    )
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in sorted(stats["method"].unique().to_list()):
+    stats = _stats(results)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colors = plt.get_cmap("tab20").colors
+    for index, method in enumerate(sorted(stats["method"].unique().to_list())):
         part = stats.filter(pl.col("method") == method).sort("bytes")
         if method == "full":
             ax.axhline(part["auc"].max(), color="black", linestyle="--", linewidth=1, label="full table")
@@ -239,15 +424,17 @@ def pareto_plot(results: pl.DataFrame, path: Path) -> None:
             part["bytes"].to_list(),
             part["auc"].to_list(),
             yerr=part["std"].to_list(),
-            marker="o",
+            marker="os^vD<>ph*"[index % 10],
+            color=colors[index % len(colors)],
+            linestyle=":" if "(learned)" in method else "-",
             capsize=3,
             label=method,
         )
     ax.set_xscale("log")
-    ax.set_xlabel("embedding bytes (weights + optimizer state)")
+    ax.set_xlabel("embedding bytes (weights + optimizer state; PEP: CSR export)")
     ax.set_ylabel("test AUC")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -263,51 +450,75 @@ def write_outputs(results: pl.DataFrame, out: Path) -> str:
     return summary
 
 
+def _budgets_of(method: str, budgets: list[str]) -> list[str]:
+    """The budgets a method's cells take: the full table is the reference at its own size (1), a
+    learned-size method one cell for every budget."""
+    if method in LEARNED:
+        return [ALL_BUDGETS]
+    return ["1"] if method == "full" else budgets
+
+
+def default_methods() -> list[str]:
+    """Every method the sweep knows: sized ones, MDE, the hot-id variants, the learned ones."""
+    from embtab.methods import METHODS
+
+    return sorted(METHODS) + ["mde"] + [m + HOT for m in HOT_METHODS] + list(LEARNED)
+
+
 def main() -> None:
     p = parser(__doc__.splitlines()[0], "results/sweep")
-    p.add_argument("--config", help="base TOML config (as for experiments.ctr)")
+    p.add_argument("--config", help="base TOML config (as for experiments.ctr; [search] for learned sizes)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--dataset")
     p.add_argument("--model")
     p.add_argument("--epochs", type=int)
-    p.add_argument("--methods", nargs="+", help="default: every registered method")
+    p.add_argument("--methods", nargs="+", help="default: every method (see the module docstring)")
     p.add_argument(
         "--budgets",
         nargs="+",
         default=list(DEFAULT_BUDGETS),
-        help="fractions of the full table (1/16) or bytes (1048576B)",
+        help="fractions of the full table's bytes (1/16), parameter ratios (p1/16) or bytes (1048576B)",
     )
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument(
         "--min-fill", type=float, default=0.9, help="a cell must use at least this share of its budget"
     )
+    p.add_argument(
+        "--hot-share", type=float, default=0.5, help="share of a table's rows the +hot variants give hot ids"
+    )
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--threads", type=int, default=2, help="threads per cell")
     p.add_argument("--distributed", action="store_true", help="train each cell over the ranks torchrun starts")
+    p.add_argument("--report-only", action="store_true", help="write the outputs of the finished cells; train none")
     args = p.parse_args()
     if args.distributed and args.jobs > 1:
         raise SystemExit("--distributed trains one cell at a time over all ranks; drop --jobs")
-    from embtab.methods import METHODS
-
     base = load_config(
-        args.config, args.set, {"dataset": args.dataset, "model": args.model, "epochs": args.epochs}
+        args.config,
+        args.set,
+        {"dataset": args.dataset, "model": args.model, "epochs": args.epochs},
+        sections=(*SECTIONS, "search", "method_params"),
     )
-    methods = args.methods or sorted(METHODS)
-    unknown = sorted(set(methods) - set(METHODS))
+    known = default_methods()
+    methods = args.methods or known
+    unknown = sorted(set(methods) - set(known))
     if unknown:
-        raise SystemExit(f"unknown methods {unknown}; registered: {sorted(METHODS)}")
+        raise SystemExit(f"unknown methods {unknown}; known: {known}")
     params = base.pop("method_params", {})
     base["embedding"]["budget_min_fill"] = args.min_fill
-    cells = [
-        Cell(m, b, base.get("train", {}).get("seed", 2024) + s)
-        for m in methods
-        for b in args.budgets
+    first_seed = base.get("train", {}).get("seed", 2024)
+    cells = [  # seed by seed, so that a sweep stopped early has every method for its first seeds
+        Cell(m, b, first_seed + s)
         for s in range(args.seeds)
+        for m in methods
+        for b in _budgets_of(m, args.budgets)
     ]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     group = join_torchrun(base.get("train", {}).get("device", "cpu")) if args.distributed else None
-    results = sweep(base, cells, params, out, args.jobs, args.threads, group)
+    if args.report_only:
+        cells = [c for c in cells if finished(out, c) is not None]
+    results = sweep(base, cells, params, out, args.jobs, args.threads, args.hot_share, list(args.budgets), group)
     if is_writer():
         print(write_outputs(results, out))
         print(f"wrote {out}/results.parquet, results.csv, summary.md, pareto.png")

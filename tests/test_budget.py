@@ -1,5 +1,6 @@
 """Byte budgets: every registered method solved for a budget, checked as counted and as allocated."""
 
+import math
 import re
 import resource
 
@@ -8,7 +9,9 @@ import torch
 from torchrec import KeyedJaggedTensor
 
 import embtab
-from embtab.budget import budget_range, compression_ratio, full_table_bytes, solve_budget, spec_bytes
+from embtab.budget import (
+    AboveMaximum, BelowMinimum, BudgetError, budget_range, compression_ratio, full_table_bytes, solve_budget, spec_bytes,
+)
 from embtab.methods import METHODS
 from embtab.methods.multiplex import Multiplexed
 from embtab.shard import allocated_bytes
@@ -76,8 +79,10 @@ def test_budget_below_the_minimum_is_an_error_giving_the_minimum(name):
     minimum, _ = budget_range(SPEC, OPTIMIZER, method_spec(name))
     # the minimum is reachable, one byte less is not
     assert solve_budget(SPEC, minimum, OPTIMIZER, method=method_spec(name), min_fill=0).bytes == minimum
-    with pytest.raises(ValueError, match=rf"budget {minimum - 1} bytes is below the .*\b{minimum} bytes"):
+    with pytest.raises(BelowMinimum) as error:
         solve_budget(SPEC, minimum - 1, OPTIMIZER, method=method_spec(name))
+    assert (error.value.budget, error.value.nearest) == (minimum - 1, minimum)
+    assert isinstance(error.value, ValueError) and f"{minimum} bytes" in str(error.value)
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -89,8 +94,9 @@ def test_budget_above_the_maximum(name):
         fit = solve_budget(SPEC, 3 * maximum, OPTIMIZER, method=method_spec(name))
         assert fit.bytes == maximum and fit.fill == pytest.approx(1 / 3, rel=1e-6)
     elif maximum is not None:
-        with pytest.raises(ValueError, match=rf"above the maximum .*: {maximum} bytes"):
+        with pytest.raises(AboveMaximum) as error:
             solve_budget(SPEC, 3 * maximum, OPTIMIZER, method=method_spec(name))
+        assert error.value.nearest == maximum
     else:  # unbounded: even three full tables' worth is filled
         fit = solve_budget(SPEC, 3 * full, OPTIMIZER, method=method_spec(name))
         assert 0.9 * 3 * full <= fit.bytes <= 3 * full
@@ -141,8 +147,9 @@ def test_huge_cardinality_in_one_mib_builds_and_trains_in_small_memory(name):
     assert full_table_bytes(spec, OPTIMIZER) == 10**10 * (16 * 4 + 4)  # counted, never allocated
     minimum, _ = budget_range(spec, OPTIMIZER, method_spec(name))
     if minimum > budget:  # e.g. the full table, QR (~2 sqrt(n) rows)
-        with pytest.raises(ValueError, match=rf"\b{minimum} bytes"):
+        with pytest.raises(BudgetError) as error:
             solve_budget(spec, budget, OPTIMIZER, method=method_spec(name))
+        assert error.value.nearest == minimum
         return
     exact = _reset_peak()
     before = _peak_kib() if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -163,3 +170,78 @@ def test_huge_cardinality_in_one_mib_builds_and_trains_in_small_memory(name):
     assert any(not torch.equal(weights[k], after[k]) for k in weights)  # one step trained
     peak = _peak_kib() if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     assert (peak - before) * 1024 < 64 * 2**20  # a 10**10-row table would be 640 GB
+
+
+PER_TABLE = sorted(n for n in METHODS if has_knob(n) and getattr(METHODS[n], "size_scope", "table") == "table")
+UNEQUAL = embtab.EmbeddingSpec(
+    features=(
+        embtab.FeatureSpec("huge", 1_000_000),
+        embtab.FeatureSpec("mid", 20_000),
+        embtab.FeatureSpec("mid_seq", 20_000, pooling="none", table="mid"),
+        embtab.FeatureSpec("small", 700),
+        embtab.FeatureSpec("tiny", 3),
+    ),
+    dim=8,
+)
+
+
+@pytest.mark.parametrize("name", PER_TABLE)
+@pytest.mark.parametrize("budget", ["1", "1/2", "1/4", "1/16", "1/64", "1/1000"])
+def test_no_table_gets_more_rows_than_ids(name, budget):
+    from fractions import Fraction
+
+    full = full_table_bytes(UNEQUAL, OPTIMIZER)
+    try:
+        fit = solve_budget(UNEQUAL, int(full * Fraction(budget)), OPTIMIZER, method=method_spec(name), min_fill=0)
+    except BelowMinimum as error:  # QR cannot go below ~2 sqrt(n) rows per table
+        assert error.nearest > int(full * Fraction(budget))
+        return
+    with torch.device("meta"):
+        built = embtab.EmbeddingTables(fit.spec, device=torch.device("meta"))
+    for table in UNEQUAL.tables():
+        method = built.methods[table.name]
+        rows = sum(p.rows for p in {p.name: p for p in method.physical_tables}.values() if p.dim == 8 or name == "qr")
+        parameters = sum(p.rows * p.dim for p in {p.name: p for p in method.physical_tables}.values())
+        assert rows <= table.cardinality and parameters <= table.cardinality * 8, (table.name, rows)
+    assert dict(fit.spec.table_methods)["tiny"] == embtab.FullTable()  # too small to gain
+    assert fit.bytes <= fit.budget_bytes
+
+
+def test_rows_are_proportional_to_cardinality_on_unequal_tables():
+    from embtab.methods.hashing_trick import HashingTrick
+
+    full = full_table_bytes(UNEQUAL, OPTIMIZER)
+    fit = solve_budget(UNEQUAL, full // 16, OPTIMIZER, method=HashingTrick(rows=1))
+    methods = dict(fit.spec.table_methods)
+    for table in ("huge", "mid", "small"):
+        n = UNEQUAL.feature(table).cardinality
+        assert methods[table].rows == math.ceil(fit.ratio * n)  # ceil(r * n) rows each
+    assert methods["huge"].rows / methods["small"].rows == pytest.approx(1_000_000 / 700, rel=1e-2)
+    # the tiny table stays full and is counted: 3 rows, not ceil(r * 3)
+    assert fit.full_tables == ("tiny",) and 0.99 / 16 < fit.ratio < 1 / 16
+
+
+def test_qr_gets_its_own_collisions_per_table_and_1x_is_the_full_table():
+    from embtab.methods.qr import QREmbedding
+
+    full = full_table_bytes(UNEQUAL, OPTIMIZER)
+    fit = solve_budget(UNEQUAL, full // 64, OPTIMIZER, method=QREmbedding(collisions=1))
+    methods = dict(fit.spec.table_methods)
+    for table in ("huge", "mid"):  # the fewest collisions within ceil(r * n) rows
+        n, c = UNEQUAL.feature(table).cardinality, methods[table].collisions
+        assert -(-n // c) + c <= math.ceil(fit.ratio * n) < -(-n // (c - 1)) + c - 1
+    assert methods["huge"].collisions != methods["mid"].collisions
+    whole = solve_budget(UNEQUAL, full, OPTIMIZER, method=QREmbedding(collisions=1))
+    assert whole.bytes == full and set(whole.full_tables) == {"huge", "mid", "small", "tiny"}
+
+
+def test_parameter_ratio_budget_counts_parameters_without_optimizer_state():
+    from embtab.budget import solve_parameter_ratio
+    from embtab.methods.hashing_trick import HashingTrick
+
+    adagrad = embtab.SparseOptimizer("adagrad", lr=0.1)  # state as large as the weights: must not count
+    fit = solve_parameter_ratio(UNEQUAL, 1 / 10, adagrad, method=HashingTrick(rows=1))
+    full_parameters = (1_000_000 + 20_000 + 700 + 3) * 8
+    assert fit.full_bytes == full_parameters and fit.bytes == fit.cost.parameters
+    assert 0.9 / 10 <= fit.parameter_ratio <= 1 / 10
+    assert fit.cost.bytes == fit.report.total > 2 * fit.cost.parameters * 4 * 0.99

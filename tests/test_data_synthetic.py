@@ -92,3 +92,50 @@ def test_load_dataset_by_name() -> None:
     splits = load_dataset("synthetic", num_samples=100, num_fields=2, dense_dim=1, seed=2)
     same = make_synthetic(100, num_fields=2, dense_dim=1, seed=2)
     assert torch.equal(everything(splits.test), everything(same.test))
+
+
+def test_criteo_preset_has_criteo_shape_and_the_scaled_version_divides_it() -> None:
+    from data.synthetic import CRITEO_CARDINALITIES, criteo_config
+
+    full = criteo_config(10)
+    assert full.cardinalities == CRITEO_CARDINALITIES and sum(full.cardinalities) == 33_762_577
+    assert full.num_fields == 26 and full.dense_dim == 13 and len(set(full.zipf_a)) == 26
+    small = criteo_config(10, divide=100)
+    assert small.cardinalities[2] == 101_313 and small.cardinalities[8] == 3  # 10,131,227 / 100; 3 kept
+    splits = make_synthetic(500, preset="criteo", divide=1000, memorization=0.3, seed=4)
+    assert len(splits.feature_specs()) == 26 and splits.dense_dim == 13
+    again = make_synthetic(500, preset="criteo", divide=1000, memorization=0.3, seed=4)
+    assert torch.equal(everything(splits.train), everything(again.train))
+    with pytest.raises(ValueError, match="memorization must be in"):
+        criteo_config(10, memorization=1.5)
+
+
+def test_structure_and_memorization_each_have_the_variance_the_knob_gives() -> None:
+    from data.synthetic import criteo_config
+
+    config = criteo_config(1, divide=100, memorization=0.25)
+    rng = np.random.default_rng(0)
+    ids = np.stack([rng.integers(0, c, 20_000) for c in config.cardinalities])
+    structure = config.structure(ids)
+    memo = sum(config.weights(f, ids[f]) for f in range(26))
+    assert abs(structure.std() - 1) < 0.15 and abs(structure.mean()) < 0.05
+    assert abs(memo.std() - config.signal_std * 0.5) < 0.05  # sqrt(0.25) of the categorical std
+    # ids of one cluster share their structure: the structure term depends on clusters only
+    clusters = np.stack([config.cluster_of(f, ids[f]) for f in range(26)])
+    assert len(np.unique(clusters[0])) == config.cardinalities[0] == 15  # small field: an id per cluster
+    assert len(np.unique(clusters[2])) == 64  # 101,313 ids share 64 clusters
+
+
+def test_bayes_auc_matches_the_auc_of_the_planted_logit_on_sampled_labels() -> None:
+    from data.synthetic import bayes_auc, criteo_config
+
+    config = criteo_config(60_000, divide=1000, memorization=0.5, seed=1)
+    expected = bayes_auc(config, 60_000)
+    splits = generate_synthetic(config)
+    batches = [d.batch(torch.arange(len(d))) for d in (splits.train, splits.valid, splits.test)]
+    logits = torch.cat([config.planted_logits(b) for b in batches])
+    labels = torch.cat([b.labels for b in batches]).long()
+    sampled = float(auroc(logits, labels, task="binary"))
+    assert abs(sampled - expected) < 0.01 and 0.7 < expected < 0.95
+    pure_memo = bayes_auc(criteo_config(1, divide=1000, memorization=1.0, seed=1), 20_000)
+    assert abs(pure_memo - expected) > 0.002  # the knob changes the problem

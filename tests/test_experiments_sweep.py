@@ -1,5 +1,6 @@
 """experiments.sweep: a tiny sweep writes every output, and a re-run trains nothing."""
 
+import json
 import sys
 
 import polars as pl
@@ -21,11 +22,14 @@ def test_tiny_sweep_writes_outputs_and_rerun_does_no_training(tmp_path, monkeypa
     for name in ("results.parquet", "results.csv", "summary.md", "pareto.png"):
         assert (tmp_path / name).stat().st_size > 0
     results = pl.read_parquet(tmp_path / "results.parquet")
-    assert results.height == 4
+    assert results.height == 3  # the full table is the reference at its own size only
+    assert (results.filter(pl.col("status") == "ok")["wall_seconds"] > 0).all()
     status = {(r["method"], r["budget"]): r["status"] for r in results.iter_rows(named=True)}
-    assert status == {("full", "1"): "ok", ("full", "1/4"): "unreachable",
-                      ("hashing_trick", "1"): "ok", ("hashing_trick", "1/4"): "ok"}
-    assert "below" in results.filter(pl.col("status") == "unreachable")["reason"][0]
+    assert status == {("full", "1"): "ok", ("hashing_trick", "1"): "ok", ("hashing_trick", "1/4"): "ok"}
+    whole = results.filter((pl.col("method") == "hashing_trick") & (pl.col("budget") == "1")).row(0, named=True)
+    assert whole["parameter_ratio"] == 1.0  # at 1x every table is full: no table gets more rows than ids
+    hashed = results.filter((pl.col("method") == "hashing_trick") & (pl.col("budget") == "1/4")).row(0, named=True)
+    assert hashed["bytes"] <= hashed["budget_bytes"] and 0.2 < hashed["parameter_ratio"] <= 0.25
     assert "**" in (tmp_path / "summary.md").read_text()
     assert not list(tmp_path.glob("cells/*/*.pt"))
 
@@ -34,14 +38,14 @@ def test_tiny_sweep_writes_outputs_and_rerun_does_no_training(tmp_path, monkeypa
 
     monkeypatch.setattr(sweep, "run", no_training)
     sweep.main()
-    assert pl.read_parquet(tmp_path / "results.parquet").height == 4
+    assert pl.read_parquet(tmp_path / "results.parquet").height == 3
 
 
 def test_parallel_cells_give_the_same_rows(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["sweep", *ARGS, "--jobs", "2", "--threads", "1", "--out", str(tmp_path)])
     sweep.main()
     results = pl.read_parquet(tmp_path / "results.parquet")
-    assert results.height == 4
+    assert results.height == 3
     assert results.filter(pl.col("status") == "ok").height == 3
 
 
@@ -62,3 +66,38 @@ def test_distributed_sweep_under_torchrun_matches_one_process(tmp_path, monkeypa
     ok = pl.col("status") == "ok"
     for a, b in zip(one.filter(ok)["test_auc"], two.filter(ok)["test_auc"]):
         assert abs(a - b) < 1e-4
+
+
+LEARNED_ARGS = [
+    "--dataset", "synthetic", "--model", "dlrm", "--epochs", "1", "--seeds", "1",
+    "--methods", "pep", "hashing_trick+hot", "--budgets", "1/4", "p1/4",
+    "--set", "data.num_samples=2000", "--set", "data.num_fields=3", "--set", "data.cardinalities=400",
+    "--set", "data.dense_dim=2", "--set", "model.bottom_hidden=[8]", "--set", "model.top_hidden=[8]",
+    "--set", "embedding.dim=8", "--set", "train.batch_size=256", "--set", "search.init_threshold=-4.0",
+    "--set", "search.threshold_lr=0.05", "--set", "search.train={'epochs': 2, 'patience': 2}",
+]
+
+
+def test_sweep_with_a_learned_size_method_writes_every_output_and_rerun_trains_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["sweep", *LEARNED_ARGS, "--out", str(tmp_path)])
+    sweep.main()
+    for name in ("results.parquet", "results.csv", "summary.md", "pareto.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    results = pl.read_parquet(tmp_path / "results.parquet")
+    labels = set(results["method"].to_list())
+    assert {"pep", "pep (learned)", "hashing_trick+hot"} <= labels
+    pep = results.filter((pl.col("method") == "pep") & (pl.col("budget") == "1/4")).row(0, named=True)
+    assert pep["status"] == "ok" and pep["bytes"] == pep["export_csr_bytes"] <= pep["budget_bytes"]
+    assert pep["wall_seconds"] > 0 and pep["search_epochs"] >= 1
+    hot = results.filter((pl.col("method") == "hashing_trick+hot") & (pl.col("budget") == "1/4")).row(0, named=True)
+    assert hot["status"] == "ok" and json.loads(hot["parameters_json"])["tables"]["C1"]["hot_ids"]
+    assert results.filter(pl.col("budget") == "p1/4")["status"].to_list().count("ok") == 1  # only the hashed one
+    assert not list(tmp_path.glob("cells/**/*.pt"))
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished cell was trained again")
+
+    monkeypatch.setattr(sweep, "run", no_training)
+    monkeypatch.setattr("experiments.search.Run", no_training)
+    sweep.main()
+    assert pl.read_parquet(tmp_path / "results.parquet").height == results.height

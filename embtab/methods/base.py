@@ -122,10 +122,14 @@ class SizedSpec(MethodSpec):
         size_field: name of the knob (a dataclass field of the spec).
         size_increasing: True when bytes grow with the knob (rows of a hashed table), False when
             they shrink (QR's collisions).
+        size_scope: "table" when the knob sizes each table on its own (hashed rows, collisions:
+            `embtab.budget` solves one compression ratio and sizes every table from it), "spec"
+            when one value sizes the whole configuration at once (one shared table, one base width).
     """
 
     size_field: ClassVar[str] = ""
     size_increasing: ClassVar[bool] = True
+    size_scope: ClassVar[str] = "table"
 
     def with_size(self: SizedT, value: int) -> SizedT:
         """This spec with its knob set to `value`."""

@@ -37,6 +37,7 @@ class MDE(SizedSpec):
     name = "mde"
     size_field: ClassVar[str] = "base_dim"
     size_increasing: ClassVar[bool] = True
+    size_scope: ClassVar[str] = "spec"
 
     base_dim: int = 16
     alpha: float = 0.3

@@ -47,6 +47,7 @@ class Multiplexed(SizedSpec):
     name = "multiplex"
     size_field: ClassVar[str] = "rows"
     size_increasing: ClassVar[bool] = True
+    size_scope: ClassVar[str] = "spec"
 
     rows: int
     chunk_dim: int | None = None

@@ -34,6 +34,13 @@ from embtab.methods.pruned import PrunedTable
 from embtab.registry import MethodKind, register_method
 
 SAMPLINGS: tuple[str, ...] = ("id", "batch")
+INITS: tuple[str, ...] = ("xavier", "torchrec")
+
+
+def xavier_range(rows: int, dim: int) -> tuple[float, float]:
+    """Xavier-uniform bounds of a ``rows x dim`` table (the reference codes' initialization)."""
+    bound = (6.0 / (rows + dim)) ** 0.5
+    return (-bound, bound)
 
 
 class StraightThroughStep(torch.autograd.Function):
@@ -82,6 +89,8 @@ class OptEmbed(LearnedSizeSpec):
         alpha: weight of the regularizer ``alpha * sum_f exp(-t_f)`` (grid 1e-4 .. 1e-6).
         width_step: candidate widths are its multiples up to the table's width (a multiple of 4).
         sampling: ``"id"`` (a width per looked-up id) or ``"batch"`` (one per table and batch).
+        init: ``"xavier"`` (the reference: Xavier-uniform over the table, so row L1 norms start
+            inside the estimator's window around the threshold) or ``"torchrec"`` (U(+-sqrt(1/n))).
         budget_bytes: bytes the export must fit (0: no budget; `embtab.budget.solve_budget` sets it).
         budget_optimizer: the sparse optimizer whose state the budget counts ("" for weights only).
     """
@@ -92,6 +101,7 @@ class OptEmbed(LearnedSizeSpec):
     alpha: float = 1e-5
     width_step: int = 4
     sampling: str = "id"
+    init: str = "xavier"
     budget_bytes: int = 0
     budget_optimizer: str = ""
 
@@ -103,6 +113,8 @@ class OptEmbed(LearnedSizeSpec):
                 f"table {table.name!r}: width_step must be a multiple of 4 dividing the width "
                 f"{table.dim}, got {self.width_step}"
             )
+        if self.init not in INITS:
+            raise ValueError(f"table {table.name!r}: init must be one of {INITS}, got {self.init!r}")
         if self.t_lr <= 0 or self.alpha < 0:
             raise ValueError(f"table {table.name!r}: expected t_lr > 0 and alpha >= 0, got {self.t_lr}, {self.alpha}")
         return OptEmbedMethod(table, self)
@@ -118,7 +130,8 @@ class OptEmbedMethod(MaskedMethod):
     def __init__(self, table: LogicalTable, spec: OptEmbed) -> None:
         super().__init__(table)
         self.sampling = spec.sampling
-        self.physical_tables = (PhysicalTable(table.name, table.cardinality, table.dim),)
+        init = xavier_range(table.cardinality, table.dim) if spec.init == "xavier" else None
+        self.physical_tables = (PhysicalTable(table.name, table.cardinality, table.dim, init=init),)
         self.threshold = nn.Parameter(torch.zeros(()))
         if self.threshold.device.type != "meta":
             apply_optimizer_in_backward(ThresholdSGD, [self.threshold], {"lr": spec.t_lr, "alpha": spec.alpha})

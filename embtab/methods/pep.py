@@ -4,7 +4,9 @@ Every element of a looked-up row is shrunk: ``v' = sign(v) * relu(|v| - g(s))`` 
 ``g = sigmoid`` and a learnable ``s`` whose granularity is
 
 - ``global``: one ``s`` for the table; ``dimension``: one per column (both dense parameters,
-  trained by the dense optimizer, Adam in the reference);
+  trained on their own Adam inside the backward pass, at ``threshold_lr`` with L2
+  ``threshold_decay``: the reference trains them with Adam 1e-3 and L2 1e-5 with the rest, and it
+  is that decay, normalized by Adam, that raises ``s`` steadily from its very negative start);
 - ``feature``: one per id; ``feature_dim``: one per element. These live in a second physical table
   looked up with the same ids (``n x 4``, column 0 used, or ``n x D``), so they are trained by the
   fused sparse optimizer (the reference uses Adam for them too: a deviation embtab needs to keep
@@ -14,6 +16,7 @@ Elements at zero are pruned, which gives each id its own effective width. The se
 elements whose margin ``|v| - g(s)`` exceeds ``shift`` (0, or raised by `embtab.search` to fit a
 byte budget) and retrains the kept elements from their initial values (the lottery-ticket rewind).
 The shrinkage is per element, so lookups are per id (``pooling_commutes = False``).
+The weights start Xavier-uniform, as in the reference (``init="torchrec"``: U(+-sqrt(1/n))).
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ from typing import ClassVar
 
 import torch
 from torch import nn
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
 from embtab.config import LogicalTable, MethodSpec
 from embtab.methods.base import LearnedSizeSpec, MaskedMethod, PhysicalTable, TableMethod
+from embtab.methods.optembed import INITS, xavier_range
 from embtab.methods.pruned import PrunedTable
 from embtab.registry import MethodKind, register_method
 
@@ -39,7 +44,11 @@ class PEP(LearnedSizeSpec):
 
     Args:
         granularity: one of ``global``, ``dimension``, ``feature``, ``feature_dim``.
-        init_threshold: initial ``s`` (``g(s) = sigmoid(s)`` is the threshold).
+        init_threshold: initial ``s`` (``g(s) = sigmoid(s)`` is the threshold; the reference: -15
+            on MovieLens-1M, -150 on Criteo and Avazu).
+        threshold_lr: Adam learning rate of a dense ``s`` (global, dimension); reference 1e-3.
+        threshold_decay: L2 weight decay of a dense ``s`` (the reference's 1e-5).
+        init: ``"xavier"`` (the reference) or ``"torchrec"``.
         budget_bytes: bytes the export must fit (0: prune at the learned thresholds only).
         budget_optimizer: the sparse optimizer whose state the budget counts ("" for weights only).
     """
@@ -48,6 +57,9 @@ class PEP(LearnedSizeSpec):
 
     granularity: str = "dimension"
     init_threshold: float = -15.0
+    threshold_lr: float = 1e-3
+    threshold_decay: float = 1e-5
+    init: str = "xavier"
     budget_bytes: int = 0
     budget_optimizer: str = ""
 
@@ -55,6 +67,11 @@ class PEP(LearnedSizeSpec):
         if self.granularity not in GRANULARITIES:
             raise ValueError(
                 f"table {table.name!r}: granularity must be one of {GRANULARITIES}, got {self.granularity!r}"
+            )
+        if self.init not in INITS or self.threshold_lr <= 0 or self.threshold_decay < 0:
+            raise ValueError(
+                f"table {table.name!r}: expected init in {INITS}, threshold_lr > 0, threshold_decay >= 0; "
+                f"got {self.init!r}, {self.threshold_lr}, {self.threshold_decay}"
             )
         return PEPMethod(table, self)
 
@@ -69,7 +86,8 @@ class PEPMethod(MaskedMethod):
     def __init__(self, table: LogicalTable, spec: PEP) -> None:
         super().__init__(table)
         self.granularity = spec.granularity
-        weights = PhysicalTable(table.name, table.cardinality, table.dim)
+        init = xavier_range(table.cardinality, table.dim) if spec.init == "xavier" else None
+        weights = PhysicalTable(table.name, table.cardinality, table.dim, init=init)
         self.per_id = spec.granularity in ("feature", "feature_dim")
         if self.per_id:
             width = 4 if spec.granularity == "feature" else table.dim
@@ -80,6 +98,9 @@ class PEPMethod(MaskedMethod):
             self.physical_tables = (weights,)
             size = () if spec.granularity == "global" else (table.dim,)
             self.s = nn.Parameter(torch.full(size, spec.init_threshold))
+            if self.s.device.type != "meta":
+                settings = {"lr": spec.threshold_lr, "weight_decay": spec.threshold_decay}
+                apply_optimizer_in_backward(torch.optim.Adam, [self.s], settings)
         self.register_buffer("shift", torch.tensor(0.0), persistent=False)
 
     def remap(self, ids: torch.Tensor) -> torch.Tensor:
