@@ -101,5 +101,7 @@ def test_a_method_defined_in_one_file_works_through_tables_config_and_budget(toy
 
 
 def tables_bytes(spec: embtab.EmbeddingSpec, optimizer: embtab.SparseOptimizer) -> int:
-    rows = sum(min(spec.method.rows, f.cardinality) for f in FEATURES)
+    """Weights and row-wise state of every table at its own row count (per-table sizing)."""
+    methods = dict(spec.table_methods)
+    rows = sum(min(methods.get(f.name, spec.method).rows, f.cardinality) for f in FEATURES)
     return rows * spec.dim * 4 + optimizer.state_bytes(rows, spec.dim)
