@@ -9,7 +9,7 @@ swaps them for fbgemm's fused kernels and shards them like any torchrec model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -27,6 +27,7 @@ from torchrec import (
 from embtab.config import EmbeddingSpec, FeatureSpec, LogicalTable, SparseOptimizer
 from embtab.hashing import hash_to_ranges
 from embtab.methods.base import PhysicalTable, TableMethod
+from embtab.quant.precision import data_type, element_bytes
 
 POOLED_BUCKET = "pooled"
 PER_ID_BUCKET = "per_id"
@@ -41,7 +42,7 @@ class EmbeddingOutput(NamedTuple):
 
 @dataclass(frozen=True)
 class TableBytes:
-    """Bytes of one physical table: float32 weights plus its fused optimizer's state."""
+    """Bytes of one physical table: weights at their stored precision plus its fused optimizer's state."""
 
     rows: int
     dim: int
@@ -126,7 +127,8 @@ class EmbeddingTables(nn.Module):
     def _collect_physical_tables(self) -> dict[str, PhysicalTable]:
         physical: dict[str, PhysicalTable] = {}
         for name in self._logical:
-            for table in self._method(name).physical_tables:
+            for declared in self._method(name).physical_tables:
+                table = replace(declared, precision=self._logical[name].precision)
                 seen = physical.setdefault(table.name, table)
                 if seen != table:
                     raise ValueError(
@@ -218,6 +220,7 @@ class EmbeddingTables(nn.Module):
                         num_embeddings=self._physical[name].rows,
                         embedding_dim=self._physical[name].dim,
                         feature_names=keys,
+                        data_type=data_type(self._physical[name].precision),
                         **self._physical[name].init_range(),
                     )
                     for name, keys in tables.items()
@@ -234,6 +237,7 @@ class EmbeddingTables(nn.Module):
                         num_embeddings=self._physical[name].rows,
                         embedding_dim=self._physical[name].dim,
                         feature_names=keys,
+                        data_type=data_type(self._physical[name].precision),
                         **self._physical[name].init_range(),
                     )
                     for name, keys in tables.items()
@@ -268,7 +272,7 @@ class EmbeddingTables(nn.Module):
             name: TableBytes(
                 rows=t.rows,
                 dim=t.dim,
-                parameter_bytes=t.rows * t.dim * 4,
+                parameter_bytes=t.rows * t.dim * element_bytes(t.precision),
                 optimizer_bytes=optimizer.state_bytes(t.rows, t.dim) if optimizer else 0,
             )
             for name, t in self._physical.items()

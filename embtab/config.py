@@ -96,6 +96,7 @@ class LogicalTable:
     dim: int
     features: tuple[FeatureSpec, ...]
     method: MethodSpec
+    precision: str = "fp32"
 
 
 @dataclass(frozen=True)
@@ -107,15 +108,23 @@ class EmbeddingSpec:
         dim: embedding width every logical table produces.
         method: method of every table not named in `table_methods` (default: the full table).
         table_methods: per-table overrides as ``((table_name, spec), ...)``.
+        precision: stored precision of every physical table while it trains (``"fp32"``, ``"fp16"``).
+        table_precisions: per-table overrides as ``((table_name, precision), ...)``.
+        low_precision: fp16 rounding and quantization-aware training (`embtab.quant.LowPrecision`).
     """
 
     features: tuple[FeatureSpec, ...]
     dim: int = 16
     method: MethodSpec = field(default=None)  # type: ignore[assignment]
     table_methods: tuple[tuple[str, MethodSpec], ...] = ()
+    precision: str = "fp32"
+    table_precisions: tuple[tuple[str, str], ...] = ()
+    low_precision: Any = None
 
     def __post_init__(self) -> None:
         from embtab.methods.full import FullTable
+        from embtab.quant.precision import check_precision
+        from embtab.quant.spec import LowPrecision
 
         object.__setattr__(self, "features", tuple(self.features))
         object.__setattr__(self, "table_methods", tuple(self.table_methods))
@@ -123,7 +132,12 @@ class EmbeddingSpec:
             object.__setattr__(self, "method", FullTable())
         if self.dim < 1:
             raise ValueError(f"EmbeddingSpec.dim must be >= 1, got {self.dim}")
+        object.__setattr__(self, "table_precisions", tuple(self.table_precisions))
         self._check_features()
+        for table_name, precision in (("every table", self.precision), *self.table_precisions):
+            check_precision(precision, f"table {table_name!r}")
+        if self.low_precision is None:
+            object.__setattr__(self, "low_precision", LowPrecision())
 
     def _check_features(self) -> None:
         by_name: dict[str, FeatureSpec] = {}
@@ -149,10 +163,10 @@ class EmbeddingSpec:
                     f"table {owner.name!r} of cardinality {owner.cardinality}; expected equal"
                 )
         known_tables = {f.table_name for f in self.features}
-        for table_name, _ in self.table_methods:
+        for table_name, _ in (*self.table_methods, *self.table_precisions):
             if table_name not in known_tables:
                 raise ValueError(
-                    f"table_methods names table {table_name!r}; expected one of {sorted(known_tables)}"
+                    f"table_methods or table_precisions names table {table_name!r}; expected one of {sorted(known_tables)}"
                 )
 
     def method_of(self, table_name: str) -> MethodSpec:
@@ -170,6 +184,7 @@ class EmbeddingSpec:
                 dim=self.dim,
                 features=tuple(members),
                 method=self.method_of(name),
+                precision=dict(self.table_precisions).get(name, self.precision),
             )
             for name, members in grouped.items()
         ]
@@ -190,7 +205,18 @@ class EmbeddingSpec:
         overrides = tuple(
             (name, method_from_dict(m)) for name, m in dict(data.get("table_methods", {})).items()
         )
-        return cls(features=features, dim=int(data.get("dim", 16)), method=method, table_methods=overrides)
+        from embtab.quant.spec import LowPrecision
+
+        precisions = tuple(dict(data.get("table_precisions", {})).items())
+        return cls(
+            features=features,
+            dim=int(data.get("dim", 16)),
+            method=method,
+            table_methods=overrides,
+            precision=str(data.get("precision", "fp32")),
+            table_precisions=precisions,
+            low_precision=LowPrecision(**data.get("low_precision", {})),
+        )
 
 
 SPARSE_OPTIMIZERS: tuple[str, ...] = ("sgd", "adagrad", "rowwise_adagrad", "adam")

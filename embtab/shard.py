@@ -35,6 +35,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from embtab.collection import EmbeddingTables
 from embtab.config import SparseOptimizer
+from embtab.quant.training import attach as attach_low_precision
 
 _OPTIMIZER_CLASSES = {
     "sgd": torch.optim.SGD,
@@ -310,6 +311,7 @@ def fuse(
         data_parallel_wrapper=_NoDataParallel() if single else _DataParallel(),
     )
     copy_into_shards(dmp, initial)
+    attach_low_precision(dmp, optimizer)
     return dmp
 
 

@@ -1,0 +1,160 @@
+"""fp16 tables and quantization-aware training through the fused kernels (`embtab.fuse`)."""
+
+import pytest
+import torch
+from torch import nn
+
+import embtab
+from embtab import EmbeddingSpec, EmbeddingTables, FeatureSpec, SparseOptimizer
+from embtab.quant.rows import RowRecorder
+from embtab.quant.spec import LowPrecision
+from embtab.quant.training import (
+    LowPrecisionTraining,
+    _collections,
+    round_to_grid,
+    stochastic_round_fp16,
+    stochastic_round_to_grid,
+)
+from embtab.shard import load_training_state, physical_weights, training_state
+from embtab.testing import random_kjt
+
+
+def features(sequence: bool = False) -> tuple[FeatureSpec, ...]:
+    return (
+        FeatureSpec("user", 50),
+        FeatureSpec("item", 30),
+        FeatureSpec("hist", 30, pooling="none" if sequence else "sum", table="item"),
+    )
+
+
+class Squares(nn.Module):
+    """A loss with a different gradient for every looked-up element (pooled and sequence outputs)."""
+
+    def __init__(self, tables: EmbeddingTables) -> None:
+        super().__init__()
+        self.tables = tables
+
+    def forward(self, kjt) -> torch.Tensor:
+        out = self.tables(kjt)
+        loss = (out.pooled.values() ** 2).sum()
+        for jagged in out.sequence.values():
+            loss = loss + (jagged.values() ** 3).sum()
+        return loss
+
+
+def fused(spec: EmbeddingSpec, optimizer: SparseOptimizer) -> tuple[nn.Module, EmbeddingTables]:
+    tables = EmbeddingTables(spec)
+    return embtab.fuse(Squares(tables), optimizer), tables
+
+
+def fused_weights(dmp: nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        k.split(".")[-2]: v.local_shards()[0].tensor for k, v in dmp.state_dict().items() if k.endswith(".weight")
+    }
+
+
+@pytest.mark.parametrize("kind", ["sgd", "rowwise_adagrad", "adagrad"])
+@pytest.mark.parametrize("sequence", [False, True])
+def test_recorded_rows_reproduce_the_fused_update(kind: str, sequence: bool) -> None:
+    """The rebuilt gradient and fp32 update of the touched rows equal what the fused kernel did."""
+    torch.manual_seed(0)
+    optimizer = SparseOptimizer(kind, lr=0.1, weight_decay=0.01)
+    dmp, tables = fused(EmbeddingSpec(features(sequence), dim=8), optimizer)
+    weights = fused_weights(dmp)
+    momentum = {
+        n.rsplit(".", 1)[0]: v.local_shards()[0].tensor
+        for per_param in dmp.fused_optimizer.state_dict()["state"].values()
+        for n, v in per_param.items()
+    }
+    update = LowPrecisionTraining.__new__(LowPrecisionTraining)
+    update.optimizer, update.momentum = optimizer, momentum
+    touched = []
+    RowRecorder(_collections(tables, {"user", "item"}), weights, touched.extend)
+    dmp(random_kjt(features(sequence), 6, seed=1)).backward()
+    assert {t.table for t in touched} == {"user", "item"}
+    for rows in touched:
+        kernel = weights[rows.table][rows.rows]
+        assert (kernel - rows.before).abs().max() > 1e-3
+        torch.testing.assert_close(update._fp32_update(rows), kernel, atol=1e-6, rtol=1e-6)
+
+
+def test_fp16_tables_train_through_fuse_and_checkpoints_round_trip() -> None:
+    torch.manual_seed(0)
+    spec = EmbeddingSpec(features(), dim=8, precision="fp16", table_precisions=(("user", "fp32"),))
+    dmp, tables = fused(spec, SparseOptimizer("rowwise_adagrad", lr=0.1))
+    weights = fused_weights(dmp)
+    assert weights["item"].dtype == torch.float16 and weights["user"].dtype == torch.float32
+    before = {k: v.clone() for k, v in weights.items()}
+    for seed in range(3):
+        dmp(random_kjt(features(), 8, seed=seed)).backward()
+    assert all((weights[k] != before[k]).any() for k in weights)
+    saved = training_state(dmp)
+    assert saved["model"]["tables.ebc.embedding_bags.item.weight"].dtype == torch.float16
+    other, _ = fused(spec, SparseOptimizer("rowwise_adagrad", lr=0.1))
+    load_training_state(other, saved)
+    for name, value in fused_weights(other).items():
+        assert torch.equal(value, weights[name])
+    assert torch.equal(physical_weights(other)["item"], weights["item"])
+
+
+def test_memory_bytes_count_the_stored_precision() -> None:
+    spec = EmbeddingSpec(features(), dim=8, precision="fp16", table_precisions=(("user", "fp32"),))
+    report = EmbeddingTables(spec).memory_bytes(SparseOptimizer("rowwise_adagrad"))
+    assert report.tables["item"].parameter_bytes == 30 * 8 * 2
+    assert report.tables["user"].parameter_bytes == 50 * 8 * 4
+    assert report.tables["item"].optimizer_bytes == 30 * 4
+
+
+def test_bad_precision_and_bits_are_clear_errors() -> None:
+    with pytest.raises(ValueError, match="precision 'bf16'.*expected one of"):
+        EmbeddingSpec(features(), precision="bf16")
+    with pytest.raises(ValueError, match="table 'item'.*'int8'"):
+        EmbeddingSpec(features(), table_precisions=(("item", "int8"),))
+    with pytest.raises(ValueError, match="table_precisions names table 'nope'"):
+        EmbeddingSpec(features(), table_precisions=(("nope", "fp16"),))
+    with pytest.raises(ValueError, match="bits is 3; expected one of"):
+        LowPrecision(qat="alpt", bits=3)
+    with pytest.raises(ValueError, match="qat is 'dorefa'"):
+        LowPrecision(qat="dorefa")
+    data = {"features": [{"name": "a", "cardinality": 4}], "precision": "fp8"}
+    with pytest.raises(ValueError, match="'fp8'"):
+        EmbeddingSpec.from_dict(data)
+
+
+def test_spec_reads_precision_from_toml_data() -> None:
+    data = {
+        "features": [{"name": "a", "cardinality": 4}, {"name": "b", "cardinality": 9}],
+        "precision": "fp16",
+        "table_precisions": {"b": "fp32"},
+        "low_precision": {"qat": "lpt", "bits": 4, "tables": ["b"]},
+    }
+    spec = EmbeddingSpec.from_dict(data)
+    assert [t.precision for t in spec.tables()] == ["fp16", "fp32"]
+    assert spec.low_precision == LowPrecision(qat="lpt", bits=4, tables=("b",))
+
+
+def test_stochastic_fp16_rounding_is_unbiased_and_lands_small_updates() -> None:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.full((200_000,), 1.0 + 2.0**-10 / 4)  # a quarter of an fp16 ulp above 1
+    rounded = stochastic_round_fp16(x, generator).float()
+    assert set(rounded.unique().tolist()) == {1.0, 1.0 + 2.0**-10}
+    assert abs(rounded.mean().item() - x[0].item()) < 2e-5
+    assert torch.equal(x.to(torch.float16).float(), torch.ones_like(x))  # round to nearest loses it
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_small_fp16_updates_land_only_with_stochastic_rounding(rounding: str) -> None:
+    """lr 2e-6: every update is below half an fp16 ulp of the rows' values."""
+    torch.manual_seed(0)
+    spec = EmbeddingSpec(
+        features(), dim=8, precision="fp16", low_precision=LowPrecision(fp16_rounding=rounding)
+    )
+    dmp, _ = fused(spec, SparseOptimizer("sgd", lr=2e-6))
+    weights = fused_weights(dmp)
+    with torch.no_grad():
+        for w in weights.values():
+            w.fill_(0.5)
+    for seed in range(10):
+        dmp(random_kjt(features(), 8, seed=seed)).backward()
+    moved = sum(int((w != 0.5).sum()) for w in weights.values())
+    assert (moved == 0) == (rounding == "nearest")
