@@ -158,3 +158,100 @@ def test_small_fp16_updates_land_only_with_stochastic_rounding(rounding: str) ->
         dmp(random_kjt(features(), 8, seed=seed)).backward()
     moved = sum(int((w != 0.5).sum()) for w in weights.values())
     assert (moved == 0) == (rounding == "nearest")
+
+
+class Outputs(torch.nn.Module):
+    """The tables' pooled and sequence outputs, flattened (what export must reproduce)."""
+
+    def __init__(self, tables: EmbeddingTables) -> None:
+        super().__init__()
+        self.tables = tables
+
+    def forward(self, kjt) -> torch.Tensor:
+        out = self.tables(kjt)
+        sequence = [jagged.values().flatten() for jagged in out.sequence.values()]
+        return torch.cat([out.pooled.values().flatten(), *sequence])
+
+
+def fake_quant_reference(weights: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
+    """Independent fake quantization: nearest grid point of ``step * {-2^(b-1) .. 2^(b-1) - 1}``."""
+    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return step * torch.clamp(torch.round(weights / step), low, high)
+
+
+@pytest.mark.parametrize("scheme", ["lpt", "alpt"])
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_qat_forward_equals_a_fake_quant_reference(scheme: str, bits: int) -> None:
+    from embtab.testing import reference_pooled
+
+    torch.manual_seed(0)
+    spec = EmbeddingSpec(features(), dim=8, low_precision=LowPrecision(qat=scheme, bits=bits))
+    tables = EmbeddingTables(spec)
+    initial = physical_weights(tables)
+    dmp = embtab.fuse(Outputs(tables), SparseOptimizer("rowwise_adagrad", lr=0.05))
+    steps = {n: (1.0 / rows) ** 0.5 / 2 ** (bits - 2) for n, rows in (("user", 50), ("item", 30))}
+    quantized = {n: fake_quant_reference(w, torch.tensor(steps[n]), bits) for n, w in initial.items()}
+    kjt = random_kjt(features(), 8, seed=3)
+    expected = reference_pooled(features(), kjt, lambda table, ids: quantized[table][ids])
+    dmp.eval()
+    got = dmp(kjt)[: expected.numel()].view_as(expected)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("scheme", ["lpt", "alpt"])
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_qat_weights_stay_on_the_grid_and_export_reproduces_the_eval_outputs(scheme: str, bits: int) -> None:
+    from embtab.quant.export import export, row_bytes
+
+    torch.manual_seed(0)
+    spec = EmbeddingSpec(features(True), dim=16, low_precision=LowPrecision(qat=scheme, bits=bits, step_lr=1e-3))
+    tables = EmbeddingTables(spec)
+    dmp = embtab.fuse(Outputs(tables), SparseOptimizer("rowwise_adagrad", lr=0.05))
+    initial_steps = tables.low_precision.step_of("item").clone()
+    for seed in range(5):
+        (dmp(random_kjt(features(True), 16, seed=seed)) ** 2).sum().backward()
+    weights = fused_weights(dmp)
+    for name in ("user", "item"):
+        step = tables.low_precision.step_of(name).unsqueeze(1)
+        codes = weights[name] / step
+        assert torch.allclose(codes, codes.round(), atol=1e-3)
+        assert codes.min() >= -(2 ** (bits - 1)) and codes.max() <= 2 ** (bits - 1) - 1
+    moved = tables.low_precision.step_of("item") != initial_steps
+    assert bool(moved.any()) == (scheme == "alpt")
+    kjt = random_kjt(features(True), 8, seed=9)
+    dmp.eval()
+    with torch.no_grad():
+        expected = dmp(kjt)
+    served = export(dmp, f"int{bits}")
+    assert row_bytes(served, "item") == {8: 20, 4: 12, 2: 8}[bits]
+    got = Outputs(served)(kjt)
+    scale = expected.abs().max()
+    torch.testing.assert_close(got, expected, atol=float(scale) * 2.0**-10, rtol=2.0**-10)
+
+
+def test_lsq_step_gradient_matches_autograd_through_a_straight_through_round() -> None:
+    from embtab.quant.training import lsq_step_grad
+
+    torch.manual_seed(0)
+    values, grad = torch.randn(5, 8), torch.randn(5, 8)
+    step = torch.rand(5, 1) * 0.3 + 0.05
+    leaf = step.clone().requires_grad_()
+    clipped = torch.clamp(values / leaf, -8, 7)
+    rounded = clipped + (clipped.round() - clipped).detach()
+    (leaf * rounded * grad).sum().backward()
+    torch.testing.assert_close(lsq_step_grad(grad, values, step, -8, 7), leaf.grad.squeeze(1))
+
+
+def test_stochastic_rounding_onto_the_grid_is_unbiased() -> None:
+    generator = torch.Generator().manual_seed(0)
+    values = torch.full((100_000,), 0.13)
+    rounded = stochastic_round_to_grid(values, torch.tensor(0.1), -4, 3, generator)
+    assert set(rounded.unique().tolist()) == pytest.approx([0.1, 0.2])
+    assert abs(rounded.mean().item() - 0.13) < 1e-3
+    assert torch.equal(round_to_grid(torch.tensor([0.13, 5.0]), torch.tensor(0.1), -2, 1), torch.tensor([0.1, 0.1]))
+
+
+def test_qat_needs_fp32_tables() -> None:
+    spec = EmbeddingSpec(features(), dim=8, precision="fp16", low_precision=LowPrecision(qat="lpt"))
+    with pytest.raises(ValueError, match="quantization-aware training keeps its grid in fp32 tables"):
+        fused(spec, SparseOptimizer())
