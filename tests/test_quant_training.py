@@ -20,10 +20,12 @@ from embtab.testing import random_kjt
 
 
 def features(sequence: bool = False) -> tuple[FeatureSpec, ...]:
+    pooling = "none" if sequence else "sum"
     return (
         FeatureSpec("user", 50),
         FeatureSpec("item", 30),
-        FeatureSpec("hist", 30, pooling="none" if sequence else "sum", table="item"),
+        FeatureSpec("hist", 30, pooling=pooling, table="item"),
+        FeatureSpec("genre", 7, pooling=pooling),
     )
 
 
@@ -69,9 +71,9 @@ def test_recorded_rows_reproduce_the_fused_update(kind: str, sequence: bool) -> 
     update = LowPrecisionTraining.__new__(LowPrecisionTraining)
     update.optimizer, update.momentum = optimizer, momentum
     touched = []
-    RowRecorder(_collections(tables, {"user", "item"}), weights, touched.extend)
+    RowRecorder(_collections(tables, {"user", "item", "genre"}), weights, touched.extend)
     dmp(random_kjt(features(sequence), 6, seed=1)).backward()
-    assert {t.table for t in touched} == {"user", "item"}
+    assert {t.table for t in touched} == {"user", "item", "genre"}
     for rows in touched:
         kernel = weights[rows.table][rows.rows]
         assert (kernel - rows.before).abs().max() > 1e-3
@@ -189,7 +191,7 @@ def test_qat_forward_equals_a_fake_quant_reference(scheme: str, bits: int) -> No
     tables = EmbeddingTables(spec)
     initial = physical_weights(tables)
     dmp = embtab.fuse(Outputs(tables), SparseOptimizer("rowwise_adagrad", lr=0.05))
-    steps = {n: (1.0 / rows) ** 0.5 / 2 ** (bits - 2) for n, rows in (("user", 50), ("item", 30))}
+    steps = {n: (1.0 / rows) ** 0.5 / 2 ** (bits - 2) for n, rows in (("user", 50), ("item", 30), ("genre", 7))}
     quantized = {n: fake_quant_reference(w, torch.tensor(steps[n]), bits) for n, w in initial.items()}
     kjt = random_kjt(features(), 8, seed=3)
     expected = reference_pooled(features(), kjt, lambda table, ids: quantized[table][ids])

@@ -39,6 +39,7 @@ class _Record:
     keys: torch.Tensor  # index of each occurrence's feature key
     bags: torch.Tensor  # bag (output row) of each occurrence, for pooled lookups
     key_names: list[str]
+    table_keys: list[str]
     batch_size: int
     rows: torch.Tensor | None = None
     inverse: torch.Tensor | None = None
@@ -103,7 +104,9 @@ class RowRecorder:
             chosen = torch.isin(key_of, wanted)
             ids = kjt.values()[chosen].to(torch.int64)
             rows, inverse = torch.unique(ids, return_inverse=True)
-            record = _Record(table, ids, key_of[chosen], bag_of[chosen], keys, stride, rows, inverse)
+            record = _Record(
+                table, ids, key_of[chosen], bag_of[chosen], keys, list(table_keys), stride, rows, inverse
+            )
             record.before = self.weights[table][rows].float()
             records.append(record)
         return records
@@ -135,7 +138,7 @@ class RowRecorder:
     def _per_id_grad(self, grad: torch.Tensor, key: str, records: list[_Record]) -> None:
         with torch.no_grad():
             for record in records:
-                if key in record.key_names:
+                if key in record.table_keys:
                     mine = record.keys == record.key_names.index(key)
                     self._add(record, grad, mine)
         self._queue()
