@@ -108,7 +108,7 @@ def with_size(spec: EmbeddingSpec, method: MethodSpec, value: int) -> EmbeddingS
         (name, replace(m, **{field: value}) if type(m) is type(method) else m)
         for name, m in spec.table_methods
     )
-    return EmbeddingSpec(features=spec.features, dim=spec.dim, method=sized, table_methods=overrides)
+    return replace(spec, method=sized, table_methods=overrides)
 
 
 def _size_field(method: MethodSpec) -> str:
@@ -220,7 +220,7 @@ def budget_range(
 
 
 def _with_method(spec: EmbeddingSpec, method: MethodSpec) -> EmbeddingSpec:
-    return EmbeddingSpec(features=spec.features, dim=spec.dim, method=method, table_methods=spec.table_methods)
+    return replace(spec, method=method)
 
 
 def _increasing_max(f: _Bytes, low: int, stop_above: int | None = None) -> int | None:

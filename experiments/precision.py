@@ -92,7 +92,13 @@ def run_seed(base: dict[str, Any], seed: int, bits: Sequence[int], splits, out: 
     rows: list[dict[str, Any]] = []
 
     def record(variant: str, trainer: Trainer, result: dict[str, Any], exported: str | None) -> None:
-        row = {"variant": variant, "seed": seed, "test_auc": result["test_auc"], "test_logloss": result["test_logloss"]}
+        row = {
+            "variant": variant,
+            "seed": seed,
+            "test_auc": result["test_auc"],
+            "test_logloss": result["test_logloss"],
+            "train_samples_per_s": result["train_samples_per_s"],
+        }
         if exported:
             row["exported_auc"], row["exported_logloss"], row["served_bytes"] = served_metrics(trainer, exported, splits)
         rows.append(row)
@@ -122,7 +128,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for variant in dict.fromkeys(r["variant"] for r in rows):
         mine = [r for r in rows if r["variant"] == variant]
         entry: dict[str, Any] = {"variant": variant, "seeds": len(mine)}
-        for key in ("test_auc", "exported_auc", "served_bytes"):
+        for key in ("test_auc", "exported_auc", "served_bytes", "train_samples_per_s"):
             values = [r[key] for r in mine if key in r]
             if values:
                 entry[key] = statistics.mean(values)

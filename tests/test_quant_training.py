@@ -257,3 +257,20 @@ def test_qat_needs_fp32_tables() -> None:
     spec = EmbeddingSpec(features(), dim=8, precision="fp16", low_precision=LowPrecision(qat="lpt"))
     with pytest.raises(ValueError, match="quantization-aware training keeps its grid in fp32 tables"):
         fused(spec, SparseOptimizer())
+
+
+def test_budget_solver_counts_fp16_rows_at_two_bytes() -> None:
+    from embtab.budget import solve_budget
+    from embtab.methods.hashing_trick import HashingTrick
+
+    optimizer = SparseOptimizer("sgd")
+    base = EmbeddingSpec((FeatureSpec("user", 10_000),), dim=16)
+    fits = {
+        precision: solve_budget(
+            EmbeddingSpec(base.features, dim=16, precision=precision), 64_000, optimizer, method=HashingTrick(rows=1)
+        )
+        for precision in ("fp32", "fp16")
+    }
+    assert fits["fp16"].spec.precision == "fp16"
+    rows = {p: fit.spec.method.rows for p, fit in fits.items()}  # type: ignore[attr-defined]
+    assert rows["fp32"] <= 1000 < rows["fp16"] <= 2000 and rows["fp16"] > 1.8 * rows["fp32"]
