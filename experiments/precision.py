@@ -11,9 +11,9 @@ For each seed, the same data, model and training protocol (early stopping on val
   learnable step per row), evaluated as trained and as exported to fbgemm's INT<b> kernels
   (``exported_auc``).
 
-The QAT grid's step is set from the fp32 run of the same seed: the 99.9th percentile of |w| over
-its tables divided by 2^(b-1) (LPT's fixed step, ALPT's initial step); ALPT's step learning rate
-is ``--alpt-lr-scale`` times that step. Each row of the output is one (variant, seed) with its
+The QAT grid's step of each table is set from the fp32 run of the same seed: the 99.9th percentile
+of the table's |w| divided by 2^(b-1) (LPT's fixed step, ALPT's initial step); ALPT's step
+learning rate is ``--alpt-lr-scale`` times the median of those steps. Each row of the output is one (variant, seed) with its
 test AUC and logloss and its served bytes; a summary gives mean and std over the seeds.
 
     python -m experiments.precision --config experiments/configs/din_movielens.toml --seeds 0 1 2 \
@@ -74,10 +74,17 @@ def train(config: dict[str, Any], splits, out_dir: Path) -> tuple[Trainer, dict[
     return trainer, trainer.fit()
 
 
-def grid_step(trainer: Trainer, bits: int) -> float:
-    """99.9th percentile of |w| over all tables of a trained model, over 2^(bits-1)."""
-    weights = torch.cat([w.abs().flatten() for w in trained_weights(trainer.model).values()])
-    return float(torch.quantile(weights[:: max(1, weights.numel() // 1_000_000)], 0.999)) / 2 ** (bits - 1)
+def grid_steps(trainer: Trainer, bits: int) -> dict[str, float]:
+    """Per logical table: the 99.9th percentile of |w| of its physical tables in a trained model,
+    over 2^(bits-1)."""
+    weights = trained_weights(trainer.model)
+    tables = trainer._user_model().embeddings
+    steps = {}
+    for name, method in tables.methods.items():
+        values = torch.cat([weights[p.name].abs().flatten() for p in method.physical_tables])
+        sample = values[:: max(1, values.numel() // 1_000_000)]
+        steps[name] = float(torch.quantile(sample, 0.999).clamp(min=1e-6)) / 2 ** (bits - 1)
+    return steps
 
 
 def variant_config(base: dict[str, Any], seed: int, embedding: dict[str, Any]) -> dict[str, Any]:
@@ -115,9 +122,9 @@ def run_seed(base: dict[str, Any], seed: int, bits: Sequence[int], splits, out: 
         trainer, result = train(variant_config(base, seed, settings), splits, out / f"fp16_{rounding}_s{seed}")
         record(f"fp16-{rounding}", trainer, result, "fp16")
     for b in bits:
-        step = grid_step(fp32, b)
+        steps = grid_steps(fp32, b)
         for scheme in ("lpt", "alpt"):
-            quant = {"qat": scheme, "bits": b, "step": step, "step_lr": lr_scale * step}
+            quant = {"qat": scheme, "bits": b, "table_steps": steps, "step_lr": lr_scale * statistics.median(steps.values())}
             trainer, result = train(variant_config(base, seed, {"low_precision": quant}), splits, out / f"{scheme}{b}_s{seed}")
             record(f"{scheme}@int{b}", trainer, result, f"int{b}")
     return rows

@@ -274,3 +274,14 @@ def test_budget_solver_counts_fp16_rows_at_two_bytes() -> None:
     assert fits["fp16"].spec.precision == "fp16"
     rows = {p: fit.spec.method.rows for p, fit in fits.items()}  # type: ignore[attr-defined]
     assert rows["fp32"] <= 1000 < rows["fp16"] <= 2000 and rows["fp16"] > 1.8 * rows["fp32"]
+
+
+def test_table_steps_set_each_tables_grid() -> None:
+    settings = LowPrecision(qat="alpt", bits=4, step=0.02, table_steps={"user": 0.125})
+    dmp, tables = fused(EmbeddingSpec(features(), dim=8, low_precision=settings), SparseOptimizer())
+    assert torch.all(tables.low_precision.step_of("user") == 0.125)
+    assert torch.all(tables.low_precision.step_of("item") == 0.02)
+    codes = fused_weights(dmp)["user"] / 0.125
+    assert torch.equal(codes, codes.round())
+    with pytest.raises(ValueError, match="step of 'user' must be > 0"):
+        LowPrecision(table_steps=(("user", 0.0),))

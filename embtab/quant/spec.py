@@ -25,6 +25,7 @@ class LowPrecision:
             ``-2^(bits-1) .. 2^(bits-1) - 1`` times the step.
         step: LPT's step, ALPT's initial step; None: the table's init bound / 2^(bits-2), a grid
             reaching twice the initialization range.
+        table_steps: per-logical-table overrides of `step` as ``((table_name, step), ...)``.
         step_lr: learning rate of ALPT's step optimizer (Adam on the touched rows' steps).
         tables: logical tables trained quantized (empty: every table).
     """
@@ -35,9 +36,12 @@ class LowPrecision:
     step: float | None = None
     step_lr: float = 2e-5
     tables: tuple[str, ...] = ()
+    table_steps: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tables", tuple(self.tables))
+        steps = self.table_steps.items() if isinstance(self.table_steps, dict) else self.table_steps
+        object.__setattr__(self, "table_steps", tuple((str(n), float(s)) for n, s in steps))
         if self.fp16_rounding not in FP16_ROUNDINGS:
             raise ValueError(
                 f"low_precision.fp16_rounding is {self.fp16_rounding!r}; expected one of {FP16_ROUNDINGS}"
@@ -49,14 +53,19 @@ class LowPrecision:
                 f"low_precision.bits is {self.bits!r}; expected one of {QAT_BITS} (the widths "
                 "fbgemm's IntN inference kernels serve)"
             )
-        if self.step is not None and not self.step > 0:
-            raise ValueError(f"low_precision.step must be > 0, got {self.step}")
+        for name, step in (("step", self.step), *self.table_steps):
+            if step is not None and not step > 0:
+                raise ValueError(f"low_precision step of {name!r} must be > 0, got {step}")
         if not self.step_lr > 0:
             raise ValueError(f"low_precision.step_lr must be > 0, got {self.step_lr}")
 
     def quantizes(self, table: str) -> bool:
         """Whether logical table `table` trains quantized."""
         return self.qat is not None and (not self.tables or table in self.tables)
+
+    def step_of(self, table: str) -> float | None:
+        """The configured step of logical table `table` (None: the default rule)."""
+        return dict(self.table_steps).get(table, self.step)
 
     @property
     def qmin(self) -> int:

@@ -140,7 +140,8 @@ class LowPrecisionTraining:
         steps = {
             n: torch.full(
                 (physical[n].rows if settings.qat == "alpt" else 1,),
-                settings.step or default_step(physical[n].rows, physical[n].init, settings.bits),
+                _configured_step(settings, owners[n])
+                or default_step(physical[n].rows, physical[n].init, settings.bits),
             )
             for n in self.quantized
         }
@@ -188,6 +189,12 @@ class LowPrecisionTraining:
         self.weights[name][touched.rows] = stochastic_round_to_grid(
             updated, row_steps, settings.qmin, settings.qmax
         )
+
+
+def _configured_step(settings: LowPrecision, owners: list[str]) -> float | None:
+    """The step configured for a physical table (the smallest over the logical tables using it)."""
+    steps = [s for s in (settings.step_of(o) for o in owners) if s is not None]
+    return min(steps) if steps else None
 
 
 def _owners(tables: EmbeddingTables) -> dict[str, list[str]]:
