@@ -9,8 +9,8 @@ from embtab import EmbeddingSpec, EmbeddingTables, FeatureSpec, SparseOptimizer
 from embtab.quant.rows import RowRecorder
 from embtab.quant.spec import LowPrecision
 from embtab.quant.training import (
-    LowPrecisionTraining,
-    _collections,
+    watched_collections,
+    fp32_update,
     round_to_grid,
     stochastic_round_fp16,
     stochastic_round_to_grid,
@@ -68,16 +68,15 @@ def test_recorded_rows_reproduce_the_fused_update(kind: str, sequence: bool) -> 
         for per_param in dmp.fused_optimizer.state_dict()["state"].values()
         for n, v in per_param.items()
     }
-    update = LowPrecisionTraining.__new__(LowPrecisionTraining)
-    update.optimizer, update.momentum = optimizer, momentum
     touched = []
-    RowRecorder(_collections(tables, {"user", "item", "genre"}), weights, touched.extend)
+    RowRecorder(watched_collections(tables, {"user", "item", "genre"}), weights, touched.extend)
     dmp(random_kjt(features(sequence), 6, seed=1)).backward()
     assert {t.table for t in touched} == {"user", "item", "genre"}
     for rows in touched:
         kernel = weights[rows.table][rows.rows]
         assert (kernel - rows.before).abs().max() > 1e-3
-        torch.testing.assert_close(update._fp32_update(rows), kernel, atol=1e-6, rtol=1e-6)
+        state = momentum[rows.table][rows.rows] if rows.table in momentum else None
+        torch.testing.assert_close(fp32_update(rows, optimizer, state), kernel, atol=1e-6, rtol=1e-6)
 
 
 def test_fp16_tables_train_through_fuse_and_checkpoints_round_trip() -> None:

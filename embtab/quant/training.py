@@ -105,6 +105,18 @@ class LowPrecisionState(nn.Module):
         step[rows] = torch.clamp(step[rows] - self.settings.step_lr * m_hat / (v_hat.sqrt() + ADAM_EPS), min=MIN_STEP)
 
 
+def fp32_update(touched: TouchedRows, optimizer: SparseOptimizer, state: torch.Tensor | None) -> torch.Tensor:
+    """The touched rows after the fused optimizer's update, computed in fp32 as fbgemm's CPU kernel
+    does, given the rows' optimizer `state` after the update (fp32; None for SGD). torchrec leaves
+    fbgemm's ``weight_decay_mode`` at NONE, so the kernel applies no weight decay, nor does this."""
+    if optimizer.kind == "sgd":
+        return touched.before - optimizer.lr * touched.grad
+    if state is None:
+        raise ValueError(f"table {touched.table!r}: {optimizer.kind} needs its optimizer state")
+    scale = state.unsqueeze(1) if optimizer.kind == "rowwise_adagrad" else state
+    return touched.before - optimizer.lr * touched.grad / (scale.sqrt() + optimizer.eps)
+
+
 def default_step(rows: int, init: tuple[float, float] | None, bits: int) -> float:
     """The init bound (torchrec's sqrt(1/rows) unless set) over 2^(bits-2): the grid spans twice
     the initialization range."""
@@ -152,26 +164,16 @@ class LowPrecisionTraining:
                 step = self.state.step_of(name).unsqueeze(1)
                 weights[name].copy_(round_to_grid(weights[name], step, settings.qmin, settings.qmax))
         watched = set(self.quantized) | set(self.rounded)
-        self.recorder = RowRecorder(_collections(tables, watched), weights, self.on_update) if watched else None
+        self.recorder = RowRecorder(watched_collections(tables, watched), weights, self.on_update) if watched else None
 
     def on_update(self, touched: list[TouchedRows]) -> None:
         for rows in touched:
             if rows.table in self.rounded:
-                self.weights[rows.table][rows.rows] = stochastic_round_fp16(self._fp32_update(rows))
+                state = self.momentum.get(rows.table)
+                updated = fp32_update(rows, self.optimizer, None if state is None else state[rows.rows])
+                self.weights[rows.table][rows.rows] = stochastic_round_fp16(updated)
             elif rows.table in self.quantized:
                 self._requantize(rows)
-
-    def _fp32_update(self, touched: TouchedRows) -> torch.Tensor:
-        """The rows after the fused optimizer's update, computed in fp32 as fbgemm's CPU kernel
-        does (its optimizer state is fp32 and already updated). torchrec leaves fbgemm's
-        ``weight_decay_mode`` at NONE, so the kernel applies no weight decay, nor does this."""
-        kind, lr, eps = self.optimizer.kind, self.optimizer.lr, self.optimizer.eps
-        grad = touched.grad
-        if kind == "sgd":
-            return touched.before - lr * grad
-        state = self.momentum[touched.table][touched.rows]
-        scale = state.unsqueeze(1) if kind == "rowwise_adagrad" else state
-        return touched.before - lr * grad / (scale.sqrt() + eps)
 
     def _requantize(self, touched: TouchedRows) -> None:
         settings, name = self.settings, touched.table
@@ -206,7 +208,7 @@ def _owners(tables: EmbeddingTables) -> dict[str, list[str]]:
     return owners
 
 
-def _collections(tables: EmbeddingTables, watched: set[str]) -> list[tuple[nn.Module, dict[str, list[str]]]]:
+def watched_collections(tables: EmbeddingTables, watched: set[str]) -> list[tuple[nn.Module, dict[str, list[str]]]]:
     """Each fused collection with the feature keys of the watched tables it holds."""
     out = []
     for module in tables.collections():
