@@ -62,7 +62,10 @@ def cell_config(base: dict[str, Any], cell: Cell, full_bytes: int, params: dict[
     config = copy.deepcopy(base)
     fraction = budget_fraction(cell.budget)
     budget = int(full_bytes * fraction) if fraction is not None else int(cell.budget[:-1])
-    config["embedding"]["method"] = {"name": cell.method, **params.get(cell.method, {})}
+    method, _, precision = cell.method.partition("@")  # "hashing_trick@fp16": tables stored in fp16
+    config["embedding"]["method"] = {"name": method, **params.get(method, {})}
+    if precision:
+        config["embedding"]["precision"] = precision
     if cell.method != "full" or fraction != 1:
         config["embedding"]["budget_bytes"] = budget
     config["train"] = {**config.get("train", {}), "seed": cell.seed, "progress": False}
@@ -273,7 +276,7 @@ def main() -> None:
     p.add_argument("--dataset")
     p.add_argument("--model")
     p.add_argument("--epochs", type=int)
-    p.add_argument("--methods", nargs="+", help="default: every registered method")
+    p.add_argument("--methods", nargs="+", help="default: every registered method; NAME@fp16 stores its tables in fp16")
     p.add_argument(
         "--budgets",
         nargs="+",
@@ -296,7 +299,7 @@ def main() -> None:
         args.config, args.set, {"dataset": args.dataset, "model": args.model, "epochs": args.epochs}
     )
     methods = args.methods or sorted(METHODS)
-    unknown = sorted(set(methods) - set(METHODS))
+    unknown = sorted({m.partition("@")[0] for m in methods} - set(METHODS))
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; registered: {sorted(METHODS)}")
     params = base.pop("method_params", {})

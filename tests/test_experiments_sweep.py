@@ -62,3 +62,13 @@ def test_distributed_sweep_under_torchrun_matches_one_process(tmp_path, monkeypa
     ok = pl.col("status") == "ok"
     for a, b in zip(one.filter(ok)["test_auc"], two.filter(ok)["test_auc"]):
         assert abs(a - b) < 1e-4
+
+
+def test_a_method_at_a_precision_is_one_entry():
+    from experiments.sweep import Cell, cell_config
+
+    base = {"embedding": {"dim": 8}, "train": {}}
+    config = cell_config(base, Cell("hashing_trick@fp16", "1/4", 0), 4000, {"hashing_trick": {"salt": 3}})
+    assert config["embedding"]["method"] == {"name": "hashing_trick", "salt": 3}
+    assert config["embedding"]["precision"] == "fp16" and config["embedding"]["budget_bytes"] == 1000
+    assert "precision" not in cell_config(base, Cell("qr", "1/4", 0), 4000, {})["embedding"]
