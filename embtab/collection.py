@@ -278,6 +278,13 @@ class EmbeddingTables(nn.Module):
             for name, t in self._physical.items()
         }
         method_bytes = sum(self._method(name).extra_bytes() for name in self._logical)
+        quantized = {
+            p.name: p.rows
+            for name in self._logical
+            if self.spec.low_precision.quantizes(name)
+            for p in self._method(name).physical_tables
+        }
+        method_bytes += sum(self.spec.low_precision.state_bytes(rows) for rows in quantized.values())
         return MemoryReport(tables=tables, method_bytes=method_bytes)
 
     # ----------------------------------------------------------------------------- forward

@@ -106,6 +106,15 @@ def test_memory_bytes_count_the_stored_precision() -> None:
     assert report.tables["item"].optimizer_bytes == 30 * 4
 
 
+def test_memory_bytes_count_the_qat_state() -> None:
+    def method_bytes(settings: LowPrecision) -> int:
+        return EmbeddingTables(EmbeddingSpec(features(), dim=8, low_precision=settings)).memory_bytes().method_bytes
+
+    assert method_bytes(LowPrecision()) == 0
+    assert method_bytes(LowPrecision(qat="alpt", tables=("user",))) == 50 * 12
+    assert method_bytes(LowPrecision(qat="lpt")) == 3 * 4
+
+
 def test_bad_precision_and_bits_are_clear_errors() -> None:
     with pytest.raises(ValueError, match="precision 'bf16'.*expected one of"):
         EmbeddingSpec(features(), precision="bf16")

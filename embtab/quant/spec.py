@@ -63,6 +63,11 @@ class LowPrecision:
         """Whether logical table `table` trains quantized."""
         return self.qat is not None and (not self.tables or table in self.tables)
 
+    def state_bytes(self, rows: int) -> int:
+        """Bytes of QAT state of a quantized physical table of `rows` rows: ALPT's fp32 step and its
+        Adam's two moments per row, LPT's one step."""
+        return 12 * rows if self.qat == "alpt" else 4
+
     def step_of(self, table: str) -> float | None:
         """The configured step of logical table `table` (None: the default rule)."""
         return dict(self.table_steps).get(table, self.step)
