@@ -90,11 +90,11 @@ def export(
         served(kjt).pooled                    # fbgemm's INT4 CPU kernel
         served_bytes(served)
     """
-    source = embtab_tables = embedding_tables(model)
+    source = embedding_tables(model)
     chosen = precisions_of(source, precision, table_precisions)
     plain_spec = replace(source.spec, precision="fp32", table_precisions=(), low_precision=LowPrecision())
     served = EmbeddingTables(plain_spec)
-    served.methods.load_state_dict(embtab_tables.methods.state_dict())
+    served.methods.load_state_dict(source.methods.state_dict())
     weights = trained_weights(model)
     targets = _table_weights(served)
     with torch.no_grad():
@@ -201,7 +201,7 @@ def kernel_bytes(tables: nn.Module) -> int:
 
 def row_bytes(tables: nn.Module, name: str) -> int:
     """Bytes of one row of table `name` in its kernel (data, scale and bias, alignment padding)."""
-    data, scale_bias = _kernel_view(tables, name)  # type: ignore[arg-type]
+    data, _ = _kernel_view(tables, name)  # type: ignore[arg-type]
     return data.stride(0)
 
 
