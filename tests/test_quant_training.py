@@ -293,3 +293,42 @@ def test_table_steps_set_each_tables_grid() -> None:
     assert torch.equal(codes, codes.round())
     with pytest.raises(ValueError, match="step of 'user' must be > 0"):
         LowPrecision(table_steps=(("user", 0.0),))
+
+
+METHOD_SIZES = {"hashing_trick": {"rows": 17}, "multi_hash": {"rows": 19}, "qr": {"collisions": 7}, "multiplex": {"rows": 41}}
+
+
+def method_spec(name: str, **settings) -> EmbeddingSpec:
+    from embtab.methods import method_from_dict
+
+    method = method_from_dict({"name": name, **METHOD_SIZES[name]})
+    return EmbeddingSpec(features(True), dim=16, method=method, **settings)
+
+
+@pytest.mark.parametrize("method", list(METHOD_SIZES))
+def test_qat_on_any_method_exports_its_eval_outputs(method: str) -> None:
+    from embtab.quant.export import export
+
+    torch.manual_seed(0)
+    spec = method_spec(method, low_precision=LowPrecision(qat="alpt", bits=4, step_lr=1e-3))
+    dmp = embtab.fuse(Outputs(EmbeddingTables(spec)), SparseOptimizer("rowwise_adagrad", lr=0.05))
+    for seed in range(3):
+        (dmp(random_kjt(features(True), 16, seed=seed)) ** 2).sum().backward()
+    kjt = random_kjt(features(True), 8, seed=9)
+    dmp.eval()
+    with torch.no_grad():
+        expected = dmp(kjt)
+    got = Outputs(export(dmp, "int4"))(kjt)
+    torch.testing.assert_close(got, expected, atol=float(expected.abs().max()) * 2.0**-10, rtol=2.0**-10)
+
+
+@pytest.mark.parametrize("method", list(METHOD_SIZES))
+def test_fp16_tables_of_any_method_train(method: str) -> None:
+    torch.manual_seed(0)
+    spec = method_spec(method, precision="fp16")
+    dmp = embtab.fuse(Outputs(EmbeddingTables(spec)), SparseOptimizer("rowwise_adagrad", lr=0.05))
+    weights = fused_weights(dmp)
+    before = {k: v.clone() for k, v in weights.items()}
+    (dmp(random_kjt(features(True), 16, seed=0)) ** 2).sum().backward()
+    assert all(w.dtype == torch.float16 for w in weights.values())
+    assert all((weights[k] != before[k]).any() for k in weights)
