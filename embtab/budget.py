@@ -48,6 +48,7 @@ from embtab.collection import EmbeddingTables, MemoryReport
 from embtab.config import EmbeddingSpec, LogicalTable, MethodSpec, SparseOptimizer
 from embtab.methods.base import LearnedSizeSpec, SizedSpec
 from embtab.methods.full import FullTable
+from embtab.quant.precision import element_bytes
 
 _MAX_KNOB = 2**62
 _UNBOUNDED_BYTES = 2**50  # an increasing knob whose bytes pass 1 PiB counts as unbounded
@@ -249,7 +250,7 @@ def _with_sized(spec: EmbeddingSpec, sized: MethodSpec) -> EmbeddingSpec:
         (name, replace(m, **{field: value}) if type(m) is type(sized) else m)
         for name, m in spec.table_methods
     )
-    return EmbeddingSpec(features=spec.features, dim=spec.dim, method=sized, table_methods=overrides)
+    return replace(spec, method=sized, table_methods=overrides)
 
 
 def _spec_knob(spec: EmbeddingSpec, method: MethodSpec, optimizer: SparseOptimizer, measure: Measure) -> "_Knob":
@@ -258,7 +259,7 @@ def _spec_knob(spec: EmbeddingSpec, method: MethodSpec, optimizer: SparseOptimiz
 
 
 def _with_method(spec: EmbeddingSpec, method: MethodSpec) -> EmbeddingSpec:
-    return EmbeddingSpec(features=spec.features, dim=spec.dim, method=method, table_methods=spec.table_methods)
+    return replace(spec, method=method)
 
 
 # ------------------------------------------------------------------ one knob, one monotone search
@@ -392,7 +393,7 @@ class _TableSizes:
         with torch.device("meta"):
             built = method.build(replace(self.table, method=method))
         physical = {p.name: p for p in built.physical_tables}.values()
-        weights = sum(p.rows * p.dim * 4 for p in physical)
+        weights = sum(p.rows * p.dim * element_bytes(self.table.precision) for p in physical)
         state = sum(self.optimizer.state_bytes(p.rows, p.dim) for p in physical)
         own = built.extra_bytes()
         parameters = sum(p.rows * p.dim for p in physical) + sum(p.numel() for p in built.parameters())
@@ -426,7 +427,7 @@ def _per_table_spec(
     representative = largest.method_for(ratio)
     if isinstance(representative, FullTable):
         representative = method
-    solved = EmbeddingSpec(features=spec.features, dim=spec.dim, method=representative, table_methods=overrides)
+    solved = replace(spec, method=representative, table_methods=overrides)
     return solved, cost
 
 

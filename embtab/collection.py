@@ -12,7 +12,7 @@ checks (`embtab.validation`) and the remap / combine steps (`embtab.forward`) li
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -32,6 +32,7 @@ from embtab.forward import (
 from embtab.layout import PER_ID_BUCKET, POOLED_BUCKET, Layout, compile_layout
 from embtab.methods.base import PhysicalTable, TableMethod
 from embtab.validation import canonical
+from embtab.quant.precision import element_bytes
 
 
 class EmbeddingOutput(NamedTuple):
@@ -43,7 +44,7 @@ class EmbeddingOutput(NamedTuple):
 
 @dataclass(frozen=True)
 class TableBytes:
-    """Bytes of one physical table: float32 weights plus its fused optimizer's state."""
+    """Bytes of one physical table: weights at their stored precision plus its fused optimizer's state."""
 
     rows: int
     dim: int
@@ -153,12 +154,19 @@ class EmbeddingTables(nn.Module):
             name: TableBytes(
                 rows=t.rows,
                 dim=t.dim,
-                parameter_bytes=t.rows * t.dim * 4,
+                parameter_bytes=t.rows * t.dim * element_bytes(t.precision),
                 optimizer_bytes=optimizer.state_bytes(t.rows, t.dim) if optimizer else 0,
             )
             for name, t in self.layout.physical.items()
         }
         method_bytes = sum(m.extra_bytes() for m in self.table_methods.values())
+        quantized = {
+            p.name: p.rows
+            for name, method in self.table_methods.items()
+            if self.spec.low_precision.quantizes(name)
+            for p in method.physical_tables
+        }
+        method_bytes += sum(self.spec.low_precision.state_bytes(rows) for rows in quantized.values())
         return MemoryReport(tables=tables, method_bytes=method_bytes)
 
     # ----------------------------------------------------------------------------- forward

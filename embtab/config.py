@@ -20,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Literal, Mapping
 
+from embtab.quant.precision import check_precision
+from embtab.quant.spec import LowPrecision
 from embtab.registry import method_class, method_from_dict
 
 DEFAULT_METHOD = "full"  # the registry key of the method of tables no spec names a method for
@@ -100,6 +102,7 @@ class LogicalTable:
     dim: int
     features: tuple[FeatureSpec, ...]
     method: MethodSpec
+    precision: str = "fp32"
 
 
 @dataclass(frozen=True)
@@ -112,12 +115,18 @@ class EmbeddingSpec:
         method: method of every table not named in `table_methods` (default: the full table,
             registry key `DEFAULT_METHOD`).
         table_methods: per-table overrides as ``((table_name, spec), ...)``.
+        precision: stored precision of every physical table while it trains (``"fp32"``, ``"fp16"``).
+        table_precisions: per-table overrides as ``((table_name, precision), ...)``.
+        low_precision: fp16 rounding and quantization-aware training (`embtab.quant.LowPrecision`).
     """
 
     features: tuple[FeatureSpec, ...]
     dim: int = 16
     method: MethodSpec = field(default=None)  # type: ignore[assignment]
     table_methods: tuple[tuple[str, MethodSpec], ...] = ()
+    precision: str = "fp32"
+    table_precisions: tuple[tuple[str, str], ...] = ()
+    low_precision: LowPrecision = field(default=None)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "features", tuple(self.features))
@@ -126,7 +135,12 @@ class EmbeddingSpec:
             object.__setattr__(self, "method", method_class(DEFAULT_METHOD)())
         if not isinstance(self.dim, int) or isinstance(self.dim, bool) or self.dim < 1:
             raise ValueError(f"EmbeddingSpec.dim must be an integer >= 1, got {self.dim!r}")
+        object.__setattr__(self, "table_precisions", tuple(self.table_precisions))
         self._check_features()
+        for table_name, precision in (("every table", self.precision), *self.table_precisions):
+            check_precision(precision, f"table {table_name!r}")
+        if self.low_precision is None:
+            object.__setattr__(self, "low_precision", LowPrecision())
 
     def _check_features(self) -> None:
         by_name: dict[str, FeatureSpec] = {}
@@ -152,10 +166,10 @@ class EmbeddingSpec:
                     f"table {owner.name!r} of cardinality {owner.cardinality}; expected equal"
                 )
         known_tables = {f.table_name for f in self.features}
-        for table_name, _ in self.table_methods:
+        for table_name, _ in (*self.table_methods, *self.table_precisions):
             if table_name not in known_tables:
                 raise ValueError(
-                    f"table_methods names table {table_name!r}; expected one of {sorted(known_tables)}"
+                    f"table_methods or table_precisions names table {table_name!r}; expected one of {sorted(known_tables)}"
                 )
 
     def method_of(self, table_name: str) -> MethodSpec:
@@ -173,6 +187,7 @@ class EmbeddingSpec:
                 dim=self.dim,
                 features=tuple(members),
                 method=self.method_of(name),
+                precision=dict(self.table_precisions).get(name, self.precision),
             )
             for name, members in grouped.items()
         ]
@@ -186,15 +201,25 @@ class EmbeddingSpec:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "EmbeddingSpec":
         """Build from plain data (e.g. a TOML table) with methods given as ``{"name": ..., **params}``."""
-        unknown = sorted(set(data) - {"features", "dim", "method", "table_methods"})
+        known = ("features", "dim", "method", "table_methods", "precision", "table_precisions", "low_precision")
+        unknown = sorted(set(data) - set(known))
         if unknown:
-            raise ValueError(f"embedding spec: unknown keys {unknown}; expected features, dim, method, table_methods")
+            raise ValueError(f"embedding spec: unknown keys {unknown}; expected some of {list(known)}")
         features = tuple(FeatureSpec(**f) for f in data["features"])
         method = method_from_dict(data["method"]) if "method" in data else None
         overrides = tuple(
             (name, method_from_dict(m)) for name, m in dict(data.get("table_methods", {})).items()
         )
-        return cls(features=features, dim=data.get("dim", 16), method=method, table_methods=overrides)
+        precisions = tuple(dict(data.get("table_precisions", {})).items())
+        return cls(
+            features=features,
+            dim=data.get("dim", 16),
+            method=method,
+            table_methods=overrides,
+            precision=str(data.get("precision", "fp32")),
+            table_precisions=precisions,
+            low_precision=LowPrecision(**data.get("low_precision", {})),
+        )
 
 
 SPARSE_OPTIMIZERS: tuple[str, ...] = ("sgd", "adagrad", "rowwise_adagrad", "adam")

@@ -19,6 +19,7 @@ from torchrec import EmbeddingBagConfig, EmbeddingConfig
 
 from embtab.config import FeatureSpec, LogicalTable
 from embtab.methods.base import PhysicalTable
+from embtab.quant.precision import data_type
 
 POOLED_BUCKET = "pooled"
 PER_ID_BUCKET = "per_id"
@@ -97,6 +98,7 @@ class Layout:
                 "num_embeddings": self.physical[name].rows,
                 "embedding_dim": self.physical[name].dim,
                 "feature_names": keys,
+                "data_type": data_type(self.physical[name].precision),
                 **self.physical[name].init_range(),
             }
             for name, keys in self._table_features(bucket).items()
@@ -136,7 +138,8 @@ def _physical_tables(
 ) -> dict[str, PhysicalTable]:
     physical: dict[str, PhysicalTable] = {}
     for name in logical:
-        for table in methods[name].physical_tables:
+        for declared in methods[name].physical_tables:
+            table = replace(declared, precision=logical[name].precision)
             seen = physical.setdefault(table.name, table)
             if seen != table:
                 raise ValueError(

@@ -38,6 +38,7 @@ from embtab.config import SparseOptimizer
 from embtab.fused_state import bind_after_fusing
 from embtab.quiet import quiet_torchrec as quiet_torchrec  # re-exported
 from embtab.fused_state import physical_weights as physical_weights  # re-exported: its old home
+from embtab.quant.training import attach as attach_low_precision
 
 _OPTIMIZER_CLASSES = {
     "sgd": torch.optim.SGD,
@@ -334,6 +335,7 @@ def _fuse(
     )
     copy_into_shards(dmp, initial)
     bind_after_fusing(dmp, group)
+    attach_low_precision(dmp, optimizer)
     return dmp
 
 

@@ -53,7 +53,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 PLACEHOLDER_SIZE = 64
 SECTIONS = ("data", "model", "embedding", "train", "sharding")
 BUDGET_KEYS = ("budget_bytes", "budget_parameter_ratio", "budget_min_fill")
-EMBEDDING_KEYS = ("dim", "method", "table_methods", *BUDGET_KEYS)
+EMBEDDING_KEYS = ("dim", "method", "table_methods", "precision", "table_precisions", "low_precision", *BUDGET_KEYS)
 
 FLAGS = {
     "dataset": ("data", "name", str),

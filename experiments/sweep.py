@@ -103,11 +103,15 @@ def budget_fraction(text: str) -> Fraction | None:
 
 
 def cell_config(base: dict[str, Any], cell: Cell, full_bytes: int, params: dict[str, Any]) -> dict[str, Any]:
-    """The experiments.ctr config of a sized cell (its method, budget and seed)."""
+    """The experiments.ctr config of a sized cell (its method, budget, seed and stored precision:
+    ``hashing_trick@fp16`` trains its tables in fp16)."""
     config = {k: copy.deepcopy(v) for k, v in base.items() if k in SECTIONS}
     budget = Budget(cell.budget)
-    method = cell.method.removesuffix(HOT)
+    label, _, precision = cell.method.partition("@")
+    method = label.removesuffix(HOT)
     config["embedding"]["method"] = {"name": method, **params.get(method, {})}
+    if precision:
+        config["embedding"]["precision"] = precision
     if budget.kind == "parameters":
         config["embedding"]["budget_parameter_ratio"] = float(budget.fraction)  # type: ignore[arg-type]
     elif method != "full" or budget.fraction != 1:
@@ -181,7 +185,7 @@ def _sized_row(
     config = cell_config(base, cell, full_bytes, params)
     config["train"]["threads"] = threads
     try:
-        if cell.method.endswith(HOT):
+        if cell.method.partition("@")[0].endswith(HOT):
             config["embedding"]["table_methods"] = hot_overrides(config, hot_share)
         summary = run(config, folder, process_group=process_group)
     except BudgetError as error:
@@ -472,7 +476,7 @@ def main() -> None:
     p.add_argument("--dataset")
     p.add_argument("--model")
     p.add_argument("--epochs", type=int)
-    p.add_argument("--methods", nargs="+", help="default: every method (see the module docstring)")
+    p.add_argument("--methods", nargs="+", help="default: every method (see the module docstring); NAME@fp16 stores its tables in fp16")
     p.add_argument(
         "--budgets",
         nargs="+",
@@ -501,7 +505,7 @@ def main() -> None:
     )
     known = default_methods()
     methods = args.methods or known
-    unknown = sorted(set(methods) - set(known))
+    unknown = sorted({m.partition("@")[0] for m in methods} - set(known))
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; known: {known}")
     params = base.pop("method_params", {})

@@ -101,3 +101,13 @@ def test_sweep_with_a_learned_size_method_writes_every_output_and_rerun_trains_n
     monkeypatch.setattr("experiments.search.Run", no_training)
     sweep.main()
     assert pl.read_parquet(tmp_path / "results.parquet").height == results.height
+
+
+def test_a_method_at_a_precision_is_one_entry():
+    from experiments.sweep import Cell, cell_config
+
+    base = {"embedding": {"dim": 8}, "train": {}}
+    config = cell_config(base, Cell("hashing_trick@fp16", "1/4", 0), 4000, {"hashing_trick": {"salt": 3}})
+    assert config["embedding"]["method"] == {"name": "hashing_trick", "salt": 3}
+    assert config["embedding"]["precision"] == "fp16" and config["embedding"]["budget_bytes"] == 1000
+    assert "precision" not in cell_config(base, Cell("qr", "1/4", 0), 4000, {})["embedding"]

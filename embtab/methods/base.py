@@ -37,7 +37,8 @@ LearnedT = TypeVar("LearnedT", bound="LearnedSizeSpec")
 
 @dataclass(frozen=True)
 class PhysicalTable:
-    """A table that is really allocated: `rows` x `dim` float32 in the fused collection.
+    """A table that is really allocated: `rows` x `dim` weights in the fused collection, stored at
+    `precision` (``"fp32"``, ``"fp16"``; the collection sets it from the logical table's spec).
 
     Methods that share one physical table across logical tables (feature multiplexing) give it the
     same `name`; the collection allocates it once. `init` is the uniform initialization range
@@ -48,6 +49,7 @@ class PhysicalTable:
     rows: int
     dim: int
     init: tuple[float, float] | None = None
+    precision: str = "fp32"
 
     def init_range(self) -> dict[str, float]:
         """Keyword arguments for torchrec's table configs."""

@@ -18,9 +18,6 @@ from dataclasses import dataclass, replace
 from typing import Mapping
 
 import torch
-import torchrec
-from torchrec.quant.embedding_modules import EmbeddingCollection as QuantEmbeddingCollection
-from torchrec.inference.modules import quantize_embeddings
 
 from embtab.collection import EmbeddingTables
 from embtab.config import EmbeddingSpec, MethodSpec, SparseOptimizer
@@ -243,15 +240,12 @@ def build_compact(
     return tables
 
 
-def quantize(tables: EmbeddingTables) -> EmbeddingTables:
-    """Row-wise int8 tables (torchrec's quantized collections, fbgemm inference kernels), in place."""
-    return quantize_embeddings(
-        tables,
-        dtype=torch.qint8,
-        inplace=True,
-        additional_qconfig_spec_keys=[torchrec.EmbeddingCollection],
-        additional_mapping={torchrec.EmbeddingCollection: QuantEmbeddingCollection},
-    )
+def quantize(tables: EmbeddingTables, precision: str = "int8") -> EmbeddingTables:
+    """Row-wise quantized tables (fbgemm inference kernels, rows aligned to 4 bytes), in place;
+    `precision` is one of `embtab.quant.export.EXPORT_PRECISIONS`."""
+    from embtab.quant.export import quantize_in_place
+
+    return quantize_in_place(tables, {name: precision for name in tables.physical_tables})
 
 
 def allocated_bytes(tables: EmbeddingTables) -> int:
