@@ -137,6 +137,12 @@ class EmbeddingTables(nn.Module):
                         f"physical table {table.name!r} has width {table.dim}; fbgemm's fused "
                         "kernels need a multiple of 4"
                     )
+            method = self._method(name)
+            if method.combine_uses_ids and (method.pooling_commutes or method.combine_signature()):
+                raise ValueError(
+                    f"table {name!r}: a combine that takes the ids needs per-id lookups on their "
+                    "own (pooling_commutes False, combine_signature None)"
+                )
         return physical
 
     def _bucket_of(self, table: LogicalTable, target: PhysicalTable) -> str:
@@ -287,10 +293,10 @@ class EmbeddingTables(nn.Module):
                 looked_up[bucket] = self._piece_blocks(looked_up[bucket], bucket)  # type: ignore[arg-type]
         pooled_blocks: dict[str, torch.Tensor] = {}
         sequence: dict[str, JaggedTensor] = {}
-        for name, (_, lengths, sizes) in table_inputs.items():
+        for name, (ids, lengths, sizes) in table_inputs.items():
             head = self._group_of.get(name)
             if head is None:
-                self._combine_table(name, lengths, sizes, stride, looked_up, pooled_blocks, sequence)
+                self._combine_table(name, ids, lengths, sizes, stride, looked_up, pooled_blocks, sequence)
             elif head == name:
                 pooled_blocks[name] = self._combine_group(name, table_inputs, stride, looked_up)
         return EmbeddingOutput(self._pooled_output(pooled_blocks, stride), sequence)
@@ -512,6 +518,7 @@ class EmbeddingTables(nn.Module):
     def _combine_table(
         self,
         name: str,
+        ids: torch.Tensor,
         lengths: torch.Tensor,
         sizes: list[int],
         stride: int,
@@ -526,10 +533,11 @@ class EmbeddingTables(nn.Module):
             return
         if pieces[0].bucket == PER_ID_BUCKET:
             pooled_blocks[name] = self._combine_one_id_bags(
-                table, method, pieces, lengths, sizes, stride, looked_up
+                table, method, pieces, ids, lengths, sizes, stride, looked_up
             )
             return
-        per_id = method.combine([_gather_per_id(looked_up[p.bucket], p.keys) for p in pieces])
+        vectors = [_gather_per_id(looked_up[p.bucket], p.keys) for p in pieces]
+        per_id = method.combine(vectors, ids) if method.combine_uses_ids else method.combine(vectors)
         per_feature = torch.split(per_id, sizes)
         for feature, rows, feature_lengths in zip(
             table.features, per_feature, lengths.view(len(table.features), stride)
@@ -561,6 +569,7 @@ class EmbeddingTables(nn.Module):
         table: LogicalTable,
         method: TableMethod,
         pieces: list,
+        ids: torch.Tensor,
         lengths: torch.Tensor,
         sizes: list[int],
         stride: int,
@@ -571,7 +580,11 @@ class EmbeddingTables(nn.Module):
         blocks: dict[tuple[str, int], torch.Tensor] = looked_up[PER_ID_BUCKET]  # type: ignore[assignment]
         count = len(table.features)
         vectors = [blocks[(p.table, p.probe)] for p in pieces]
-        combined = method.combine([v.reshape(v.shape[0], count, -1) for v in vectors])
+        vectors = [v.reshape(v.shape[0], count, -1) for v in vectors]
+        if method.combine_uses_ids:
+            combined = method.combine(vectors, _padded_ids(ids, sizes, vectors[0].shape[0]))
+        else:
+            combined = method.combine(vectors)
         if bool((lengths == 1).all()):
             return _first_rows(combined, stride).reshape(stride, -1)
         per_feature = tuple(combined[:n, f] for f, n in enumerate(sizes))
@@ -626,6 +639,16 @@ def _one_id_bags(counts: list[int], device: torch.device) -> torch.Tensor:
     bags = max(max(counts), 1)
     per_key = torch.tensor(counts, device=device).unsqueeze(1)
     return (torch.arange(bags, device=device) < per_key).flatten().to(torch.int64)
+
+
+def _padded_ids(ids: torch.Tensor, sizes: list[int], rows: int) -> torch.Tensor:
+    """The ids laid out like a per-id block ``[rows, features]``: column f holds feature f's ids,
+    then -1 where the block is padded."""
+    counts = torch.tensor(sizes, device=ids.device).unsqueeze(1)
+    filled = torch.arange(rows, device=ids.device) < counts
+    padded = torch.full((len(sizes), rows), -1, dtype=torch.int64, device=ids.device)
+    padded[filled] = ids.to(torch.int64)
+    return padded.t()
 
 
 def _first_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:

@@ -8,6 +8,8 @@ torchrec collection and calls `remap` before and `combine` after the lookup.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -23,16 +25,20 @@ class PhysicalTable:
 
     Methods that share one physical table across logical tables (feature multiplexing) give it the
     same `name`; the collection allocates it once. `init` is the uniform initialization range
-    (torchrec's default, U(-sqrt(1/rows), sqrt(1/rows)), when None).
+    (torchrec's default, U(-sqrt(1/rows), sqrt(1/rows)), when None); `init_std` instead draws
+    every weight from N(0, init_std**2) (TT-Rec's Gaussian cores).
     """
 
     name: str
     rows: int
     dim: int
     init: tuple[float, float] | None = None
+    init_std: float | None = None
 
-    def init_range(self) -> dict[str, float]:
+    def init_range(self) -> dict[str, Any]:
         """Keyword arguments for torchrec's table configs."""
+        if self.init_std is not None:
+            return {"init_fn": partial(torch.nn.init.normal_, mean=0.0, std=self.init_std)}
         if self.init is None:
             return {}
         return {"weight_init_min": self.init[0], "weight_init_max": self.init[1]}
@@ -47,12 +53,18 @@ class TableMethod(nn.Module):
         pooling_commutes: True when ``combine(pool(rows)) == pool(combine(rows))`` (add, concat),
             so pooled features may pool inside the fused kernel; False makes the collection look
             rows up per id, combine, then pool.
+        combine_uses_ids: `combine` takes the logical ids too, ``combine(vectors, ids)`` with `ids`
+            shaped like the vectors' leading dimensions (-1 where a per-id block is padded); for
+            methods whose combine depends on the id (sign hashes, frequency groups). Such a
+            method combines per id (``pooling_commutes = False``) and on its own
+            (`combine_signature` None).
         max_id: ids must be below this (the full table); ``None`` accepts any non-negative id.
         process_group: the ranks the tables were fused over (`embtab.fuse` sets it); None for
             tables used on their own, whose methods then see only local ids.
     """
 
     pooling_commutes: bool = True
+    combine_uses_ids: bool = False
 
     def __init__(self, table: LogicalTable) -> None:
         super().__init__()
