@@ -236,6 +236,8 @@ def _increasing_max(f: _Bytes, low: int, stop_above: int | None = None) -> int |
             return f(_largest_valid(f, value, nxt))
         if b > stop_above:
             return None
+        if b == f(value):  # bytes stopped growing (TT-Rec with every table full): bounded
+            return b
         value = nxt
 
 
@@ -254,6 +256,8 @@ def _expand_increasing(f: _Bytes, low: int, budget: int) -> tuple[int, int | Non
             return (top, None) if f(top) <= budget else (v0, top)  # type: ignore[operator]
         if b1 > budget:
             return v0, v1
+        if b1 == b0:  # bytes stopped growing: every value from here fits
+            return v1, None
         slope = (b1 - b0) / (v1 - v0)  # type: ignore[operator]
         guess = v1 + math.ceil((budget - b1) / slope * 1.02) + 1 if slope > 0 else 2 * v1
         guess = min(max(guess, v1 + 1), 1024 * v1, _MAX_KNOB)
