@@ -644,6 +644,8 @@ def _one_id_bags(counts: list[int], device: torch.device) -> torch.Tensor:
 def _padded_ids(ids: torch.Tensor, sizes: list[int], rows: int) -> torch.Tensor:
     """The ids laid out like a per-id block ``[rows, features]``: column f holds feature f's ids,
     then -1 where the block is padded."""
+    if min(sizes) == rows:  # no padding (e.g. one id per bag in every feature)
+        return ids.to(torch.int64).view(len(sizes), rows).t()
     counts = torch.tensor(sizes, device=ids.device).unsqueeze(1)
     filled = torch.arange(rows, device=ids.device) < counts
     padded = torch.full((len(sizes), rows), -1, dtype=torch.int64, device=ids.device)

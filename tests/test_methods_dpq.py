@@ -12,6 +12,7 @@ from torchrec import KeyedJaggedTensor
 import embtab
 from embtab.config import LogicalTable
 from embtab.methods import SEARCH_METHODS, method_from_dict
+from embtab.methods import dpq
 from embtab.methods.dpq import DPQ
 from embtab.methods.mgqe import MGQE
 from embtab.shard import physical_weights
@@ -67,7 +68,8 @@ def test_forward_and_fused_step_match_the_straight_through_formula(spec):
         torch.testing.assert_close(ours, codebook.grad, atol=1e-6, rtol=1e-5)
 
 
-def test_codes_are_the_nearest_codewords_and_rare_ids_use_the_prefix():
+def test_codes_are_the_nearest_codewords_and_rare_ids_use_the_prefix(monkeypatch):
+    monkeypatch.setattr(dpq, "SEARCH_BLOCK", 7)  # the search runs in several blocks of ids
     spec = MGQE(parts=4, codewords=8, rare_codewords=2, hot_ids=HOT)
     method = spec.build(LogicalTable("item", 40, DIM, FEATURES[2:], spec))
     torch.manual_seed(1)
@@ -80,8 +82,8 @@ def test_codes_are_the_nearest_codewords_and_rare_ids_use_the_prefix():
     rare = [i for i in range(40) if i not in HOT]
     assert int(codes[rare].max()) < 2 and int(codes[list(HOT)].max()) >= 2
     assert method.export_bytes() == (4 * (4 * 3 + 36 * 1) + 7) // 8 + 4 * 8 * 4 * 4 + 4 * 8
-    dpq = DPQ(parts=8, codewords=32).build(LogicalTable("item", 40, DIM, FEATURES[2:], None))
-    assert dpq.export_bytes() == 40 * 8 * 5 // 8 + 8 * 32 * 2 * 4  # 5-bit codes + codebook
+    plain = DPQ(parts=8, codewords=32).build(LogicalTable("item", 40, DIM, FEATURES[2:], None))
+    assert plain.export_bytes() == 40 * 8 * 5 // 8 + 8 * 32 * 2 * 4  # 5-bit codes + codebook
 
 
 def test_the_codebook_term_skips_padded_slots_and_scales_with_beta():

@@ -43,6 +43,8 @@ from embtab.config import LogicalTable, MethodSpec
 from embtab.methods.base import PhysicalTable, TableMethod
 from embtab.methods.frequency import check_int
 
+SEARCH_BLOCK = 8192  # distinct ids per block of the nearest-codeword search
+
 
 @dataclass(frozen=True)
 class DPQ(MethodSpec):
@@ -132,16 +134,26 @@ class DPQMethod(TableMethod):
         return None
 
     def assign(self, queries: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Codes ``[..., D]`` (int64) of queries ``[..., d]``: each part's nearest allowed codeword
-        (``||k||^2 - 2 q.k``, the squared distance less ``||q||^2``, which the argmin ignores)."""
-        parts = queries.detach().reshape(*queries.shape[:-1], self.parts, self.part_dim)
+        """Codes ``[..., D]`` (int64) of queries ``[..., d]``: each part's nearest allowed codeword.
+
+        An id's query is the same wherever it occurs, so the search runs once per distinct id, in
+        blocks of `SEARCH_BLOCK` ids (``D x block x C`` distances at a time)."""
+        distinct, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
+        first = torch.empty_like(distinct).scatter_(0, inverse, torch.arange(inverse.numel(), device=ids.device))
+        parts = queries.detach().reshape(-1, self.parts, self.part_dim)[first].transpose(0, 1)
+        allowed = self.allowed(distinct)
         codebook = self.codebook.detach()
-        distances = codebook.square().sum(-1) - 2 * torch.einsum("...pe,pce->...pc", parts, codebook)
-        allowed = self.allowed(ids)
-        if allowed is not None:
-            too_far = torch.arange(self.codewords, device=ids.device) >= allowed.unsqueeze(-1)
-            distances = distances.masked_fill(too_far.unsqueeze(-2), float("inf"))
-        return distances.argmin(-1)
+        norms = codebook.square().sum(-1).unsqueeze(1)  # [D, 1, C]
+        keys = codebook.transpose(1, 2)  # [D, d/D, C]
+        codes = torch.empty(self.parts, distinct.numel(), dtype=torch.int64, device=ids.device)
+        for start in range(0, distinct.numel(), SEARCH_BLOCK):  # blocks of ids, not single ids
+            block = slice(start, start + SEARCH_BLOCK)
+            distances = torch.baddbmm(norms, parts[:, block], keys, alpha=-2)  # ||k||^2 - 2 q.k
+            if allowed is not None:
+                too_far = torch.arange(self.codewords, device=ids.device) >= allowed[block].unsqueeze(-1)
+                distances = distances.masked_fill(too_far, float("inf"))
+            codes[:, block] = distances.argmin(-1)
+        return codes.t()[inverse].reshape(*ids.shape, self.parts)
 
     def combine(self, vectors: list[torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
         queries = vectors[0]
