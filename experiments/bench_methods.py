@@ -346,15 +346,15 @@ def method_template(name: str, qr_operation: str = "mult", rows: int = 0) -> Met
 
 
 def solve(
-    name: str, spec: EmbeddingSpec, optimizer: SparseOptimizer, qr_operation: str
+    name: str, spec: EmbeddingSpec, optimizer: SparseOptimizer, qr_operation: str, fraction: int = BUDGET_FRACTION
 ) -> tuple[BudgetFit, float]:
-    """The method sized to 1/10 of the full table's bytes, and the `min_fill` it was solved with.
+    """The method sized to 1/`fraction` of the full table's bytes, and the `min_fill` it was solved with.
 
     QR's bytes move in coarse steps near the budget (``m + ceil(n / m)`` rows), and TT-Rec's with
     the square of its rank, so when 90% of it is out of reach they are solved with
     ``min_fill=0.75`` (recorded as ``min_fill``).
     """
-    budget = full_table_bytes(spec, optimizer) // BUDGET_FRACTION
+    budget = full_table_bytes(spec, optimizer) // fraction
     method = method_template(name, qr_operation, spec.features[0].cardinality)
     if name == "full":  # the reference itself: the full bytes, not the budget
         return solve_budget(spec, full_table_bytes(spec, optimizer), optimizer, method=method), MIN_FILL
@@ -531,6 +531,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--budget-fraction", type=int, default=BUDGET_FRACTION, help="budget = full bytes / this")
     p.add_argument(
         "--methods",
         default=",".join(m for m in BENCH_METHODS if m in GOALS_VS_FULL),
@@ -561,7 +562,7 @@ def run(args: Any) -> dict[str, Any]:
     methods = {}
     for name in names:
         try:
-            fit, min_fill = solve(name, spec, optimizer, args.qr_operation)
+            fit, min_fill = solve(name, spec, optimizer, args.qr_operation, args.budget_fraction)
         except ValueError as error:  # a budget out of the method's reach (e.g. at tiny sizes)
             methods[name] = {"error": str(error), "goal_met": False}
             print(f"{name:18s} not measured: {error}", flush=True)
@@ -588,7 +589,7 @@ def run(args: Any) -> dict[str, Any]:
         "optimizer": args.optimizer,
         "goals": {"ratio_to_full": goals_vs_full, "ratio_to_naive": GOAL_VS_NAIVE},
         "full_bytes": full_table_bytes(spec, optimizer),
-        "budget_bytes": full_table_bytes(spec, optimizer) // BUDGET_FRACTION,
+        "budget_bytes": full_table_bytes(spec, optimizer) // args.budget_fraction,
         "full_samples_per_s": statistics.median(full_rates) if full_rates else None,
         "methods": methods,
         "all_goals_met": all(r["goal_met"] for r in methods.values()),
