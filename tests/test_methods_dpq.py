@@ -10,6 +10,7 @@ import torch
 from torchrec import KeyedJaggedTensor
 
 import embtab
+from embtab.budget import solve_budget
 from embtab.config import LogicalTable
 from embtab.methods import SEARCH_METHODS, method_from_dict
 from embtab.methods import dpq
@@ -128,3 +129,13 @@ def test_registered_and_round_trip_through_toml():
     for data in ({"name": "dpq", "parts": 4, "codewords": 16}, {"name": "mgqe", "hot_ids": [3, 1]}):
         spec = method_from_dict(data)
         assert SEARCH_METHODS[data["name"]] is type(spec) and method_from_dict(spec.to_dict()) == spec
+
+
+def test_a_budget_below_the_training_size_is_refused_with_that_size():
+    """DPQ trains the full query table: its bytes are fixed (full table + codebook)."""
+    spec = embtab.EmbeddingSpec(features=FEATURES, dim=DIM, method=DPQ(parts=4, codewords=8))
+    optimizer = embtab.SparseOptimizer("rowwise_adagrad")
+    training = embtab.EmbeddingTables(spec).memory_bytes(optimizer).total
+    assert training == (60 + 40) * (16 * 4 + 4) + 2 * 4 * 8 * 4 * 4
+    with pytest.raises(ValueError, match=rf"below the 'dpq' configuration's fixed {training} bytes"):
+        solve_budget(spec, training // 4, optimizer)
