@@ -528,10 +528,11 @@ class EmbeddingTables(nn.Module):
     ) -> None:
         table, method = self._logical[name], self._method(name)
         pieces = [p for p in self._pieces if p.table == name]
-        if pieces[0].bucket == POOLED_BUCKET:
+        bucket = pieces[0].bucket if pieces else None  # no physical table (DHE): vectors from the ids
+        if bucket == POOLED_BUCKET:
             pooled_blocks[name] = self._combine_pooled(table, method, pieces, lengths, stride, looked_up)
             return
-        if pieces[0].bucket == PER_ID_BUCKET:
+        if bucket == PER_ID_BUCKET:
             pooled_blocks[name] = self._combine_one_id_bags(
                 table, method, pieces, ids, lengths, sizes, stride, looked_up
             )

@@ -6,6 +6,7 @@ from typing import Any, Mapping
 
 from embtab.config import MethodSpec
 from embtab.methods.base import PhysicalTable, TableMethod
+from embtab.methods.dhe import DHE
 from embtab.methods.dnis import DNIS
 from embtab.methods.dpq import DPQ
 from embtab.methods.full import FullTable
@@ -32,6 +33,7 @@ METHODS: dict[str, type[MethodSpec]] = {
     ManagedCollision.name: ManagedCollision,
     TTRec.name: TTRec,
     ROBE.name: ROBE,
+    DHE.name: DHE,
 }
 
 # Methods whose size is learned (embtab.search) or only reachable from a search (the pruned export),
