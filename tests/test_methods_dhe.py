@@ -124,9 +124,7 @@ def test_the_knob_grows_bytes_and_round_trips_through_toml():
     spec = method_from_dict({"name": "dhe", "hashes": 32, "hidden": 16, "layers": 2})
     assert METHODS["dhe"] is DHE and method_from_dict(spec.to_dict()) == spec
     assert DHE.size_field == "hashes" and DHE.size_increasing
-    sizes = [
-        embtab.EmbeddingTables(embtab.EmbeddingSpec(features=FEATURES, dim=DIM, method=dataclasses.replace(spec, hashes=k))).memory_bytes().total
-        for k in (32, 33, 64)
-    ]
+    specs = [embtab.EmbeddingSpec(features=FEATURES, dim=DIM, method=dataclasses.replace(spec, hashes=k)) for k in (32, 33, 64)]
+    sizes = [embtab.EmbeddingTables(s).memory_bytes().total for s in specs]
     assert sizes[1] - sizes[0] == 2 * 16 * 4  # two tables, one hidden layer's width of floats per function
     assert sizes == sorted(sizes)

@@ -93,7 +93,8 @@ def test_the_codebook_term_skips_padded_slots_and_scales_with_beta():
     grads = []
     for beta in (1.0, 3.0):
         torch.manual_seed(0)
-        tables = embtab.EmbeddingTables(embtab.EmbeddingSpec(features=features, dim=DIM, method=DPQ(parts=4, codewords=4, beta=beta)))
+        method = DPQ(parts=4, codewords=4, beta=beta)
+        tables = embtab.EmbeddingTables(embtab.EmbeddingSpec(features=features, dim=DIM, method=method))
         kjt = KeyedJaggedTensor.from_lengths_sync(
             keys=["a", "b"], values=torch.tensor([3, 4, 5, 6]), lengths=torch.tensor([1, 1, 1, 1, 0, 0])
         )  # a: 3 ids, b: 1 id, so b's column of the per-id block has 2 padded slots

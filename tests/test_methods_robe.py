@@ -92,5 +92,6 @@ def test_rows_knob_is_the_whole_array_and_round_trips_through_toml():
     assert METHODS["robe"] is ROBE and method_from_dict(spec.to_dict()) == spec
     assert ROBE.size_field == "rows" and ROBE.size_increasing
     for rows in (10, 1000):
-        tables = embtab.EmbeddingTables(embtab.EmbeddingSpec(features=FEATURES, dim=DIM, method=dataclasses.replace(spec, rows=rows)))
+        sized = dataclasses.replace(spec, rows=rows)
+        tables = embtab.EmbeddingTables(embtab.EmbeddingSpec(features=FEATURES, dim=DIM, method=sized))
         assert tables.memory_bytes().total == rows * 8 * 4  # one array of 8-float rows, whatever the tables

@@ -86,7 +86,10 @@ def test_tables_tt_would_not_shrink_stay_full():
     "spec,message",
     [
         (TTRec(rank=0), r"table 'item': rank must be an integer >= 1, got 0"),
-        (TTRec(rank=2, dim_factors=(2, 2, 2)), r"table 'item': dim_factors must be 3 positive integers with product 16 \(the width\), got \(2, 2, 2\)"),
+        (
+            TTRec(rank=2, dim_factors=(2, 2, 2)),
+            r"table 'item': dim_factors must be 3 positive integers with product 16 \(the width\), got \(2, 2, 2\)",
+        ),
         (TTRec(rank=2, dim_factors=(4, 4)), r"dim_factors must be 3 positive integers"),
     ],
 )
@@ -103,5 +106,6 @@ def test_rank_knob_grows_bytes_and_round_trips_through_toml():
     sizes = []
     for rank in (1, 2, 4, 8):
         sized = dataclasses.replace(spec, rank=rank)
-        sizes.append(embtab.EmbeddingTables(embtab.EmbeddingSpec(features=FEATURES, dim=DIM, method=sized)).memory_bytes().total)
+        tables = embtab.EmbeddingTables(embtab.EmbeddingSpec(features=FEATURES, dim=DIM, method=sized))
+        sizes.append(tables.memory_bytes().total)
     assert sizes == sorted(sizes) and len(set(sizes)) == 4

@@ -123,7 +123,8 @@ class DPQMethod(TableMethod):
         self.part_dim = table.dim // parts
         self.physical_tables = (PhysicalTable(table.name, table.cardinality, table.dim),)
         bound = table.cardinality ** -0.5  # the query table's own (torchrec default) range
-        self.codebook = nn.Parameter(torch.empty(parts, codewords, self.part_dim).uniform_(-bound, bound))
+        codebook = torch.empty(parts, codewords, self.part_dim).uniform_(-bound, bound)
+        self.codebook = nn.Parameter(codebook)
 
     def remap(self, ids: torch.Tensor) -> torch.Tensor:
         return ids.unsqueeze(0)
@@ -139,7 +140,8 @@ class DPQMethod(TableMethod):
         An id's query is the same wherever it occurs, so the search runs once per distinct id, in
         blocks of `SEARCH_BLOCK` ids (``D x block x C`` distances at a time)."""
         distinct, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
-        first = torch.empty_like(distinct).scatter_(0, inverse, torch.arange(inverse.numel(), device=ids.device))
+        positions = torch.arange(inverse.numel(), device=ids.device)
+        first = torch.empty_like(distinct).scatter_(0, inverse, positions)  # one position of each
         parts = queries.detach().reshape(-1, self.parts, self.part_dim)[first].transpose(0, 1)
         allowed = self.allowed(distinct)
         codebook = self.codebook.detach()

@@ -66,5 +66,6 @@ class MGQEMethod(DPQMethod):
 
     def export_bytes(self) -> int:
         hot = self.hot.count
-        bits = self.parts * (hot * code_bits(self.codewords) + (self.table.cardinality - hot) * code_bits(self.rare_codewords))
+        rare = self.table.cardinality - hot
+        bits = self.parts * (hot * code_bits(self.codewords) + rare * code_bits(self.rare_codewords))
         return -(-bits // 8) + self.codebook.numel() * 4 + hot * 8

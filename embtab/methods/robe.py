@@ -2,9 +2,9 @@
 Array for Efficient Training of Deep Learning Recommendation Models").
 
 Every table that uses a `ROBE` spec with the same `table` name reads ONE circular array ``M`` of
-``m = w * rows`` floats (``w`` below). A vector of width ``d`` is ``Z`` chunks of ``L = d / Z`` floats; chunk
-``c`` of id ``x`` of logical table ``t`` reads the ``L`` consecutive floats starting at the hashed
-offset ``o = h(x, t, c) mod m`` (wrapping around the end), each times its own sign:
+``m = w * rows`` floats (``w`` below). A vector of width ``d`` is ``Z`` chunks of ``L = d / Z``
+floats; chunk ``c`` of id ``x`` of logical table ``t`` reads the ``L`` consecutive floats starting
+at the hashed offset ``o = h(x, t, c) mod m`` (wrapping around the end), each times its own sign:
 
     e[c * L + j] = g(x, t, c, j) * M[(o + j) mod m],     g in {-1, +1}.
 
@@ -17,14 +17,15 @@ chunk length L rounded up to a multiple of 4 (fbgemm's widths): a read at offset
 for any ``o mod w``; `combine` concatenates the P rows, takes the L floats from ``o mod w`` on, and
 applies the signs. fbgemm's CPU kernels cost about the same per looked-up row whatever its width,
 so a chunk costs two lookups where the hashing trick's row costs one (offsets aligned to whole
-rows would make it one, but then no two ids share part of a block: the hashing trick with signs). Offsets and signs are
-`embtab.hashing` hashes (SplitMix64-based, salted with the logical table's name, so features that
-share a logical table read identical floats). The signs of a chunk are the top bits of 64-bit hashes,
-32 floats per word: word 0 is the offset's own hash (``o`` is its top 63 bits mod ``m``, so for
-arrays up to 2**31 floats its top 32 bits are free of ``o`` when ``m`` is a power of two, and
-practically so otherwise), so a chunk of up to 32 floats costs one hash in the remap and the same
-one again in the combine. The signs depend on the id, so lookups are per id and pooled features are
-combined, then pooled (``pooling_commutes = False``).
+rows would make it one, but then no two ids share part of a block: the hashing trick with signs).
+
+Offsets and signs are `embtab.hashing` hashes (SplitMix64-based, salted with the logical table's
+name, so features that share a logical table read identical floats). The signs of a chunk are the
+top bits of 64-bit hashes, 32 floats per word: word 0 is the offset's own hash (``o`` is its top
+63 bits mod ``m``, so for arrays up to 2**31 floats its top 32 bits are free of ``o`` when ``m`` is
+a power of two, and practically so otherwise), so a chunk of up to 32 floats costs one hash in the
+remap and the same one again in the combine. The signs depend on the id, so lookups are per id and
+pooled features are combined, then pooled (``pooling_commutes = False``).
 
 Memory: ``w * rows`` floats in all, whatever the number of tables on the array (the budget knob
 ``rows``, like `Multiplexed`). ``max_id`` is ``None``: any non-negative id hashes.
@@ -77,7 +78,9 @@ class ROBE(MethodSpec):
                 "expected a divisor of the width"
             )
         if not self.table:
-            raise ValueError(f"table {table.name!r}: the shared array name must be non-empty, got {self.table!r}")
+            raise ValueError(
+                f"table {table.name!r}: the shared array name must be non-empty, got {self.table!r}"
+            )
         return ROBEMethod(table, self)
 
 
@@ -106,9 +109,11 @@ class ROBEMethod(TableMethod):
         self.offset_salts = [salt_of(table.name, spec.salt, "offset", c) for c in range(spec.chunks)]
         words = -(-self.length // SIGN_BITS)
         self.sign_salts = [
-            [salt_of(table.name, spec.salt, "sign", c, w) for w in range(1, words)] for c in range(spec.chunks)
+            [salt_of(table.name, spec.salt, "sign", c, w) for w in range(1, words)]
+            for c in range(spec.chunks)
         ]
-        self.physical_tables = (PhysicalTable(spec.table, spec.rows, self.width),) * (spec.chunks * self.probes)
+        array = PhysicalTable(spec.table, spec.rows, self.width)
+        self.physical_tables = (array,) * (spec.chunks * self.probes)
         self.max_id = None
 
     def hashes(self) -> list[tuple[int, int]]:
@@ -126,17 +131,21 @@ class ROBEMethod(TableMethod):
         for c in range(self.chunks):  # Z chunks (1 by default), each vectorized over every id
             window = torch.cat(vectors[c * self.probes : (c + 1) * self.probes], dim=-1)
             word = hash64(ids, self.offset_salts[c])
-            offset = torch.bitwise_right_shift(word, 1).bitwise_and_(2**63 - 1) % self.floats  # hash_to_range's
+            # the remap's offset (hash_to_range: the top 63 bits mod m), from the same 64-bit hash
+            offset = torch.bitwise_right_shift(word, 1).bitwise_and_(2**63 - 1) % self.floats
             floats = torch.gather(window, -1, (offset % self.width).unsqueeze(-1) + positions)
             signs = self._signs(word, ids, self.sign_salts[c], positions)
             chunks.append(torch.where(signs, -floats, floats))
         return chunks[0] if self.chunks == 1 else torch.cat(chunks, dim=-1)
 
     @staticmethod
-    def _signs(first: torch.Tensor, ids: torch.Tensor, salts: list[int], positions: torch.Tensor) -> torch.Tensor:
+    def _signs(
+        first: torch.Tensor, ids: torch.Tensor, salts: list[int], positions: torch.Tensor
+    ) -> torch.Tensor:
         """``[..., L]`` booleans, True where float j is negated: bit ``63 - j % 32`` of hash word
         ``j // 32`` (word 0 the offset's hash `first`, the others hashed with `salts`)."""
         words = first.unsqueeze(-1)
         if salts:
-            words = torch.stack([first, *(hash64(ids, salt) for salt in salts)], dim=-1)[..., positions // SIGN_BITS]
+            words = torch.stack([first, *(hash64(ids, salt) for salt in salts)], dim=-1)
+            words = words[..., positions // SIGN_BITS]
         return (torch.bitwise_right_shift(words, 63 - positions % SIGN_BITS) & 1).bool()
