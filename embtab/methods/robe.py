@@ -135,17 +135,17 @@ class ROBEMethod(TableMethod):
             offset = torch.bitwise_right_shift(word, 1).bitwise_and_(2**63 - 1) % self.floats
             floats = torch.gather(window, -1, (offset % self.width).unsqueeze(-1) + positions)
             signs = self._signs(word, ids, self.sign_salts[c], positions)
-            chunks.append(torch.where(signs, -floats, floats))
+            chunks.append(floats * signs.to(floats.dtype))
         return chunks[0] if self.chunks == 1 else torch.cat(chunks, dim=-1)
 
     @staticmethod
     def _signs(
         first: torch.Tensor, ids: torch.Tensor, salts: list[int], positions: torch.Tensor
     ) -> torch.Tensor:
-        """``[..., L]`` booleans, True where float j is negated: bit ``63 - j % 32`` of hash word
+        """``[..., L]`` of +-1, -1 where float j is negated: bit ``63 - j % 32`` of hash word
         ``j // 32`` (word 0 the offset's hash `first`, the others hashed with `salts`)."""
         words = first.unsqueeze(-1)
         if salts:
             words = torch.stack([first, *(hash64(ids, salt) for salt in salts)], dim=-1)
             words = words[..., positions // SIGN_BITS]
-        return (torch.bitwise_right_shift(words, 63 - positions % SIGN_BITS) & 1).bool()
+        return 1 - 2 * (torch.bitwise_right_shift(words, 63 - positions % SIGN_BITS) & 1)
