@@ -239,14 +239,15 @@ def combine_table(
     stride: int,
     looked_up: LookupOutputs,
 ) -> TableOutput:
-    """One logical table's vectors from its pieces' lookups."""
-    bucket = pieces[0].bucket
+    """One logical table's vectors from its pieces' lookups (a method without physical tables,
+    such as DHE, makes its vectors from the ids alone, per id)."""
+    bucket = pieces[0].bucket if pieces else None
     if bucket in looked_up.blocks:
         vectors = [looked_up.blocks[bucket][(p.table, p.probe)] for p in pieces]
         combine_bags = _combine_pooled if bucket == POOLED_BUCKET else _combine_one_id_bags
         return TableOutput(combine_bags(table, method, vectors, table_input, stride), {})
-    sequences = looked_up.sequences
-    per_id = method.combine([gather_per_id(sequences[p.bucket], p.keys) for p in pieces])
+    vectors = [gather_per_id(looked_up.sequences[p.bucket], p.keys) for p in pieces]
+    per_id = method.combine(vectors, table_input.ids) if method.combine_uses_ids else method.combine(vectors)
     per_feature = torch.split(per_id, table_input.sizes)
     sequence = {}
     for feature, rows, feature_lengths in zip(
@@ -276,10 +277,27 @@ def _combine_one_id_bags(
     """Combine per id (row i of feature f's column block is its i-th id), then pool the bags;
     when every bag holds one id the combined rows already are the bags."""
     count = len(table.features)
-    combined = method.combine([v.reshape(v.shape[0], count, -1) for v in vectors])
+    blocks = [v.reshape(v.shape[0], count, -1) for v in vectors]
+    if method.combine_uses_ids:
+        combined = method.combine(blocks, _padded_ids(table_input, blocks[0].shape[0]))
+    else:
+        combined = method.combine(blocks)
     if bool((table_input.lengths == 1).all()):
         return first_rows(combined, stride).reshape(stride, -1)
     return _pool_one_id_rows(table, combined, table_input, stride)
+
+
+def _padded_ids(table_input: TableInput, rows: int) -> torch.Tensor:
+    """The ids laid out like a per-id block ``[rows, features]``: column f holds feature f's ids,
+    then -1 where the block is padded."""
+    ids, sizes = table_input.ids.to(torch.int64), table_input.sizes
+    if min(sizes) == rows:  # no padding (e.g. one id per bag in every feature)
+        return ids.view(len(sizes), rows).t()
+    counts = torch.tensor(sizes, device=ids.device).unsqueeze(1)
+    filled = torch.arange(rows, device=ids.device) < counts
+    padded = torch.full((len(sizes), rows), -1, dtype=torch.int64, device=ids.device)
+    padded[filled] = ids
+    return padded.t()
 
 
 def pool_per_id(

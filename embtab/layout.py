@@ -31,6 +31,7 @@ class MethodLayout(Protocol):
 
     physical_tables: tuple[PhysicalTable, ...]
     pooling_commutes: bool
+    combine_uses_ids: bool
 
     def combine_signature(self) -> tuple | None: ...
 
@@ -116,8 +117,9 @@ def compile_layout(tables: Sequence[LogicalTable], methods: Mapping[str, MethodL
     """The layout of `tables`, each compiled into `methods[table.name]`.
 
     Raises:
-        ValueError: two methods declare one physical table differently, or a width is not a
-            multiple of 4 (fbgemm's fused kernels need it).
+        ValueError: two methods declare one physical table differently, a width is not a
+            multiple of 4 (fbgemm's fused kernels need it), or a combine that takes the ids would
+            see pooled or grouped vectors.
     """
     logical = {t.name: t for t in tables}
     physical = _physical_tables(logical, methods)
@@ -150,7 +152,17 @@ def _physical_tables(
                     f"physical table {table.name!r} has width {table.dim}; fbgemm's fused "
                     "kernels need a multiple of 4"
                 )
+        _check_combine_inputs(name, methods[name])
     return physical
+
+
+def _check_combine_inputs(name: str, method: MethodLayout) -> None:
+    """A combine that takes the ids sees them per id, on its own (not pooled, not grouped)."""
+    if method.combine_uses_ids and (method.pooling_commutes or method.combine_signature()):
+        raise ValueError(
+            f"table {name!r}: a combine that takes the ids needs per-id lookups on their "
+            "own (pooling_commutes False, combine_signature None)"
+        )
 
 
 def _bucket_of(table: LogicalTable, method: MethodLayout, target: PhysicalTable) -> str:

@@ -29,6 +29,7 @@ class MethodKind(str, Enum):
     COMPRESSION = "compression"  # fewer bytes for any table; every generic budget and sweep takes it
     LEARNED_SIZE = "learned_size"  # trained with a mask; its exported size is learned (embtab.search)
     SEARCH_RESULT = "search_result"  # an architecture a search produces (per-field widths, pruned export)
+    EXPORT_COMPRESSED = "export_compressed"  # trains full tables; compressed in its export (DPQ codes)
     PLACEMENT = "placement"  # not compression: where a full table's rows live (offloading)
 
 

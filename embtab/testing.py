@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 from torchrec import KeyedJaggedTensor
 
 from embtab.config import EmbeddingSpec, FeatureSpec
+
+if TYPE_CHECKING:
+    from embtab.collection import EmbeddingTables
 
 
 def random_kjt(
@@ -131,3 +134,46 @@ def assert_groups_match_per_table(
             out.values().square().sum().backward()
     for name, weight in physical_weights(models[1]).items():
         torch.testing.assert_close(physical_weights(models[0])[name], weight, rtol=0, atol=1e-6)
+
+
+def assert_fused_step_matches_reference(
+    tables: EmbeddingTables,
+    kjt: KeyedJaggedTensor,
+    vectors_of: Callable[[dict[str, torch.Tensor], str, torch.Tensor], torch.Tensor],
+    lr: float = 0.5,
+) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """Check `tables` against an independent reference of its method's formula, forward and one
+    fused SGD step: ``vectors_of(weights, table, ids)`` gives the ``[n, dim]`` vectors of `ids`
+    from leaf copies of the physical weights (by physical table name). The loss weighs every
+    output element by a fixed random coefficient, so each id's gradient differs. Returns the fused
+    model and the reference leaves (their ``.grad`` set) for further checks."""
+    import embtab
+    from embtab.shard import physical_weights
+
+    features = tables.spec.features
+    weights = {name: w.requires_grad_() for name, w in physical_weights(tables).items()}
+    per_key = kjt.to_dict()
+    expected = reference_pooled(features, kjt, lambda table, ids: vectors_of(weights, table, ids))
+    sequences = {
+        f.name: vectors_of(weights, f.table_name, per_key[f.name].values()) for f in features if f.is_sequence
+    }
+    dmp = embtab.fuse(tables, embtab.SparseOptimizer("sgd", lr=lr))
+    out = dmp(kjt)
+    torch.testing.assert_close(out.pooled.values(), expected, atol=1e-6, rtol=1e-5)
+    for name, rows in sequences.items():
+        torch.testing.assert_close(out.sequence[name].values(), rows, atol=1e-6, rtol=1e-5)
+
+    def loss(pooled: torch.Tensor, sequence: dict[str, torch.Tensor]) -> torch.Tensor:
+        g = torch.Generator().manual_seed(1)
+        total = (pooled * torch.randn(pooled.shape, generator=g)).sum()
+        for name in sorted(sequence):
+            total = total + (sequence[name] * torch.randn(sequence[name].shape, generator=g)).sum()
+        return total
+
+    loss(out.pooled.values(), {n: out.sequence[n].values() for n in sequences}).backward()
+    loss(expected, sequences).backward()
+    after = physical_weights(dmp)
+    for name, weight in weights.items():
+        grad = weight.grad if weight.grad is not None else torch.zeros_like(weight)
+        torch.testing.assert_close(after[name], weight.detach() - lr * grad, atol=1e-6, rtol=1e-5, msg=name)
+    return dmp, weights

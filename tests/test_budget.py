@@ -17,7 +17,7 @@ from embtab.methods.multiplex import Multiplexed
 from embtab.shard import allocated_bytes
 
 # Required parameters other than the size knob (which the solver sets), per registered method.
-REQUIRED: dict[str, dict] = {"multiplex": {"chunk_dim": 4}}
+REQUIRED: dict[str, dict] = {"multiplex": {"chunk_dim": 4}, "dhe": {"hidden": 128, "layers": 1}}
 
 FEATURES = (
     embtab.FeatureSpec("user", 20_000),
@@ -167,7 +167,10 @@ def test_huge_cardinality_in_one_mib_builds_and_trains_in_small_memory(name):
     out = dmp(kjt)
     (out.pooled.values().square().sum() + out.sequence["id_history"].values().square().sum()).backward()
     after = {k: v.local_shards()[0].tensor for k, v in dmp.state_dict().items() if hasattr(v, "local_shards")}
-    assert any(not torch.equal(weights[k], after[k]) for k in weights)  # one step trained
+    if weights:
+        assert any(not torch.equal(weights[k], after[k]) for k in weights)  # one step trained
+    else:  # no table (DHE): the step reached the method's own parameters
+        assert any(p.grad is not None and bool(p.grad.any()) for p in dmp.parameters())
     peak = _peak_kib() if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     assert (peak - before) * 1024 < 64 * 2**20  # a 10**10-row table would be 640 GB
 

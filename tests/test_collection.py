@@ -205,3 +205,21 @@ def test_spec_errors_and_toml_round_trip(tmp_path):
     assert spec == embtab.EmbeddingSpec(
         features=(embtab.FeatureSpec("item", 10), embtab.FeatureSpec("hist", 10, "none", "item")), dim=8
     )
+
+
+def test_a_combine_that_takes_the_ids_must_combine_per_id_on_its_own():
+    from dataclasses import dataclass
+
+    from embtab.methods.full import FullTable, FullTableMethod
+
+    class PooledWithIds(FullTableMethod):
+        combine_uses_ids = True  # but pooling_commutes stays True: the ids of a bag are gone
+
+    @dataclass(frozen=True)
+    class Spec(FullTable):
+        def build(self, table):
+            return PooledWithIds(table)
+
+    spec = embtab.EmbeddingSpec(features=(embtab.FeatureSpec("x", 10),), dim=4, method=Spec())
+    with pytest.raises(ValueError, match=r"table 'x': a combine that takes the ids needs per-id lookups"):
+        embtab.EmbeddingTables(spec)

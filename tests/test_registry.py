@@ -64,7 +64,9 @@ def test_views_are_the_registry_by_kind():
     assert METHODS == methods_of_kind(MethodKind.COMPRESSION)
     assert SEARCH_METHODS == methods_of_kind(MethodKind.LEARNED_SIZE, MethodKind.SEARCH_RESULT)
     assert PLACEMENT_METHODS == methods_of_kind("placement")
-    assert list(METHODS) == ["full", "hashing_trick", "multi_hash", "qr", "multiplex", "managed_collision"]
+    assert list(METHODS) == [
+        "full", "hashing_trick", "multi_hash", "qr", "multiplex", "managed_collision", "tt_rec", "robe", "dhe"
+    ]
     assert kind_of("pep") is MethodKind.LEARNED_SIZE and kind_of("offloaded") is MethodKind.PLACEMENT
     learned = {n for n, c in methods_of_kind().items() if issubclass(c, LearnedSizeSpec)}
     assert learned == {"optembed", "pep", "dnis"} == set(methods_of_kind(MethodKind.LEARNED_SIZE))

@@ -15,7 +15,7 @@ from torchrec.models.dlrm import DLRM
 import embtab
 from embtab.config import EmbeddingSpec, FeatureSpec
 from embtab.fused_state import attach_row_reset
-from embtab.methods import DNIS, MDE, PEP, OptEmbed
+from embtab.methods import DHE, DNIS, DPQ, MDE, MGQE, PEP, ROBE, OptEmbed, TTRec
 from embtab.methods.managed_collision import ManagedCollision
 from embtab.methods.multi_hash import MultiHash
 from embtab.methods.hashing_trick import HashingTrick
@@ -56,6 +56,15 @@ METHODS = {
     "pep_feature_dim": {"method": PEP(granularity="feature_dim", init_threshold=-2.0)},
     "mde": {"method": MDE(base_dim=8, reference_rows=20)},
     "dnis": {"method": DNIS()},
+    "tt_rec": {"method": TTRec(rank=2)},
+    "robe": {"method": ROBE(rows=32)},
+    "dpq": {"method": DPQ(parts=4, codewords=8)},
+    "mgqe": {"method": MGQE(parts=4, codewords=8, rare_codewords=2, hot_ids=(1, 2, 3))},
+    # no table for user and city, fused tables for the rest; batch norm would see local batches
+    "dhe": {
+        "method": DHE(hashes=16, hidden=8, layers=2, batch_norm=False),
+        "table_methods": (("tag", HashingTrick(rows=24)), ("item", QREmbedding(collisions=6))),
+    },
 }
 # OptEmbed samples a random width per id in training; these compare at the evaluation width (the
 # thresholds still train through the straight-through estimator and their own optimizer).

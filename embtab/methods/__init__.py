@@ -21,20 +21,33 @@ from embtab.methods.mde import MDE
 from embtab.methods.pruned import PrunedTable
 from embtab.methods.dnis import DNIS
 from embtab.methods.offloaded import Offloaded
+from embtab.methods.tt_rec import TTRec
+from embtab.methods.robe import ROBE
+from embtab.methods.dhe import DHE
+from embtab.methods.dpq import DPQ
+from embtab.methods.mgqe import MGQE
 from embtab.registry import MethodKind, method_from_dict, methods_of_kind, register_method
 
 # Compression methods: every generic budget test and sweep takes them.
 METHODS: dict[str, type[MethodSpec]] = methods_of_kind(MethodKind.COMPRESSION)
 
-# Methods whose size is learned (embtab.search) or only reachable from a search (the pruned export):
+# Methods whose size is learned (embtab.search), only reachable from a search (the pruned export),
+# or reached at export (DPQ, MGQE: a full table and a codebook train; codes + codebook are served):
 # they do not take every budget the generic budget tests and sweeps ask of METHODS.
-SEARCH_METHODS: dict[str, type[MethodSpec]] = methods_of_kind(MethodKind.LEARNED_SIZE, MethodKind.SEARCH_RESULT)
+SEARCH_METHODS: dict[str, type[MethodSpec]] = methods_of_kind(
+    MethodKind.LEARNED_SIZE, MethodKind.SEARCH_RESULT, MethodKind.EXPORT_COMPRESSED
+)
 
 # Not compression: where a full table's rows live (a fused cache in front of a RAM or mmap store).
 PLACEMENT_METHODS: dict[str, type[MethodSpec]] = methods_of_kind(MethodKind.PLACEMENT)
 
 __all__ = [
+    "DHE",
     "DNIS",
+    "DPQ",
+    "MGQE",
+    "ROBE",
+    "TTRec",
     "MDE",
     "METHODS",
     "PEP",

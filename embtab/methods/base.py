@@ -20,7 +20,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, ClassVar, TypeVar
+from functools import partial
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -42,7 +43,8 @@ class PhysicalTable:
 
     Methods that share one physical table across logical tables (feature multiplexing) give it the
     same `name`; the collection allocates it once. `init` is the uniform initialization range
-    (torchrec's default, U(-sqrt(1/rows), sqrt(1/rows)), when None).
+    (torchrec's default, U(-sqrt(1/rows), sqrt(1/rows)), when None); `init_std` instead draws
+    every weight from N(0, init_std**2) (TT-Rec's Gaussian cores).
     """
 
     name: str
@@ -50,9 +52,12 @@ class PhysicalTable:
     dim: int
     init: tuple[float, float] | None = None
     precision: str = "fp32"
+    init_std: float | None = None
 
-    def init_range(self) -> dict[str, float]:
+    def init_range(self) -> dict[str, Any]:
         """Keyword arguments for torchrec's table configs."""
+        if self.init_std is not None:
+            return {"init_fn": partial(torch.nn.init.normal_, mean=0.0, std=self.init_std)}
         if self.init is None:
             return {}
         return {"weight_init_min": self.init[0], "weight_init_max": self.init[1]}
@@ -67,10 +72,16 @@ class TableMethod(nn.Module):
         pooling_commutes: True when ``combine(pool(rows)) == pool(combine(rows))`` (add, concat),
             so pooled features may pool inside the fused kernel; False makes the collection look
             rows up per id, combine, then pool.
+        combine_uses_ids: `combine` takes the logical ids too, ``combine(vectors, ids)`` with `ids`
+            shaped like the vectors' leading dimensions (-1 where a per-id block is padded); for
+            methods whose combine depends on the id (sign hashes, frequency groups). Such a
+            method combines per id (``pooling_commutes = False``) and on its own
+            (`combine_signature` None).
         max_id: ids must be below this (the full table); ``None`` accepts any non-negative id.
     """
 
     pooling_commutes: bool = True
+    combine_uses_ids: bool = False
 
     def __init__(self, table: LogicalTable) -> None:
         super().__init__()

@@ -106,6 +106,19 @@ def partition_sizes(cardinality: int, collisions: int, partitions: int) -> tuple
     return tuple(sizes)
 
 
+def mixed_radix_digits(ids: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
+    """Digits ``[k, n]`` of `ids` in the mixed radix `sizes`: ``p_j = floor(i / M_j) mod m_j``,
+    the last digit unreduced (below ``sizes[-1]`` for ids below the product); exact int64."""
+    ids = ids.to(torch.int64)
+    digits, radix = [], 1
+    for size in sizes[:-1]:
+        quotient = ids if radix == 1 else torch.div(ids, radix, rounding_mode="floor")
+        digits.append(torch.remainder(quotient, size))
+        radix *= size
+    digits.append(torch.div(ids, radix, rounding_mode="floor"))
+    return torch.stack(digits)
+
+
 def init_bound(operation: str, cardinality: int, partitions: int) -> float:
     """Bound a of ``U(-a, a)`` on every partition table so the combined vector's elements have the
     full table's variance ``1 / (3 n)`` (torchrec's ``U(-sqrt(1/n), sqrt(1/n))``).
@@ -124,10 +137,6 @@ class QRMethod(TableMethod):
         self.operation = spec.operation
         self.pooling_commutes = spec.operation != "mult"
         self.sizes = partition_sizes(table.cardinality, spec.collisions, spec.partitions)
-        radices = [1]
-        for size in self.sizes[:-1]:
-            radices.append(radices[-1] * size)
-        self.radices = tuple(radices)
         width = table.dim // spec.partitions if spec.operation == "concat" else table.dim
         bound = init_bound(spec.operation, table.cardinality, spec.partitions)
         self.physical_tables = tuple(
@@ -136,12 +145,7 @@ class QRMethod(TableMethod):
         )
 
     def remap(self, ids: torch.Tensor) -> torch.Tensor:
-        ids = ids.to(torch.int64)
-        digits = [torch.remainder(ids, self.sizes[0])]
-        for radix, size in zip(self.radices[1:-1], self.sizes[1:-1]):
-            digits.append(torch.remainder(torch.div(ids, radix, rounding_mode="floor"), size))
-        digits.append(torch.div(ids, self.radices[-1], rounding_mode="floor"))  # < sizes[-1]
-        return torch.stack(digits)
+        return mixed_radix_digits(ids, self.sizes)
 
     def combine_signature(self) -> tuple | None:
         return ("qr", self.operation, len(self.sizes))

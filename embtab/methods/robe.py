@@ -1,0 +1,154 @@
+"""ROBE: random offset block embeddings (Desai et al., MLSys 2022, "Random Offset Block Embedding
+Array for Efficient Training of Deep Learning Recommendation Models").
+
+Every table that uses a `ROBE` spec with the same `table` name reads ONE circular array ``M`` of
+``m = w * rows`` floats (``w`` below). A vector of width ``d`` is ``Z`` chunks of ``L = d / Z``
+floats; chunk ``c`` of id ``x`` of logical table ``t`` reads the ``L`` consecutive floats starting
+at the hashed offset ``o = h(x, t, c) mod m`` (wrapping around the end), each times its own sign:
+
+    e[c * L + j] = g(x, t, c, j) * M[(o + j) mod m],     g in {-1, +1}.
+
+The benchmark (Hetu) uses ``Z = 1`` (one offset per vector, the default); the paper's ROBE-Z lets
+``Z`` grow up to ``d`` (``Z = d``: every float hashed on its own, i.e. HashedNet-style sharing).
+
+In the fused lookup the array is one torchrec table of ``rows`` rows of ``w`` floats, ``w`` the
+chunk length L rounded up to a multiple of 4 (fbgemm's widths): a read at offset ``o`` covers rows
+``floor(o / w) + t`` (mod rows) for ``t < P = floor((L + 2w - 2) / w)`` (2 for ``L > 1``), enough
+for any ``o mod w``; `combine` concatenates the P rows, takes the L floats from ``o mod w`` on, and
+applies the signs. fbgemm's CPU kernels cost about the same per looked-up row whatever its width,
+so a chunk costs two lookups where the hashing trick's row costs one (offsets aligned to whole
+rows would make it one, but then no two ids share part of a block: the hashing trick with signs).
+
+Offsets and signs are `embtab.hashing` hashes (SplitMix64-based, salted with the logical table's
+name, so features that share a logical table read identical floats). The signs of a chunk are the
+top bits of 64-bit hashes, 32 floats per word: word 0 is the offset's own hash (``o`` is its top
+63 bits mod ``m``, so for arrays up to 2**31 floats its top 32 bits are free of ``o`` when ``m`` is
+a power of two, and practically so otherwise), so a chunk of up to 32 floats costs one hash in the
+remap and the same one again in the combine. The signs depend on the id, so lookups are per id and
+pooled features are combined, then pooled (``pooling_commutes = False``).
+
+Memory: ``w * rows`` floats in all, whatever the number of tables on the array (the budget knob
+``rows``, like `Multiplexed`). ``max_id`` is ``None``: any non-negative id hashes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from embtab.config import LogicalTable
+from embtab.hashing import hash64, salt_of
+from embtab.methods.base import PhysicalTable, SizedSpec, TableMethod
+from embtab.methods.frequency import check_int
+from embtab.registry import MethodKind, register_method
+
+SIGN_BITS = 32  # signs per 64-bit hash word: its top 32 bits
+
+
+@register_method(MethodKind.COMPRESSION)
+@dataclass(frozen=True)
+class ROBE(SizedSpec):
+    """Read every vector from the shared circular array `table` (``w * rows`` floats).
+
+    Args:
+        rows: the array holds ``w * rows`` floats, ``w = dim / chunks`` rounded up to a multiple
+            of 4 (the budget knob; bytes grow with it).
+        chunks: Z, hashed offsets per vector (each chunk ``dim / Z`` consecutive floats); 1 as in
+            the benchmark.
+        table: name of the shared array; specs with the same name share it (and must agree on
+            `rows`).
+        salt: seeds the offset and sign hashes (combined with the logical table's name).
+    """
+
+    name = "robe"
+    size_field: ClassVar[str] = "rows"
+    size_increasing: ClassVar[bool] = True
+    size_scope: ClassVar[str] = "spec"
+
+    rows: int
+    chunks: int = 1
+    table: str = "robe"
+    salt: int = 0
+
+    def build(self, table: LogicalTable) -> "ROBEMethod":
+        check_int(table.name, "rows", self.rows, 1)
+        check_int(table.name, "chunks", self.chunks, 1)
+        if table.dim % self.chunks:
+            raise ValueError(
+                f"table {table.name!r}: chunks={self.chunks} does not divide the width {table.dim}; "
+                "expected a divisor of the width"
+            )
+        if not self.table:
+            raise ValueError(
+                f"table {table.name!r}: the shared array name must be non-empty, got {self.table!r}"
+            )
+        return ROBEMethod(table, self)
+
+
+def row_floats(length: int) -> int:
+    """Width of the array's rows for chunks of `length` floats: `length` rounded up to 4."""
+    return -(-length // 4) * 4
+
+
+def probes_per_chunk(length: int, width: int) -> int:
+    """Rows of `width` floats that hold `length` consecutive floats from any offset:
+    ``ceil((length + width - 1) / width)``."""
+    return (length + 2 * width - 2) // width
+
+
+class ROBEMethod(TableMethod):
+    pooling_commutes = False
+    combine_uses_ids = True
+
+    def __init__(self, table: LogicalTable, spec: ROBE) -> None:
+        super().__init__(table)
+        self.rows, self.chunks = spec.rows, spec.chunks
+        self.length = table.dim // spec.chunks
+        self.width = row_floats(self.length)
+        self.floats = self.width * spec.rows
+        self.probes = probes_per_chunk(self.length, self.width)
+        self.offset_salts = [salt_of(table.name, spec.salt, "offset", c) for c in range(spec.chunks)]
+        words = -(-self.length // SIGN_BITS)
+        self.sign_salts = [
+            [salt_of(table.name, spec.salt, "sign", c, w) for w in range(1, words)]
+            for c in range(spec.chunks)
+        ]
+        array = PhysicalTable(spec.table, spec.rows, self.width)
+        self.physical_tables = (array,) * (spec.chunks * self.probes)
+        self.max_id = None
+
+    def hashes(self) -> list[tuple[int, int]]:
+        return [(self.floats, salt) for salt in self.offset_salts]
+
+    def remap_hashed(self, ids: torch.Tensor, hashed: list[torch.Tensor]) -> torch.Tensor:
+        first_rows = [torch.div(offset, self.width, rounding_mode="floor") for offset in hashed]
+        steps = torch.arange(self.probes, device=ids.device).unsqueeze(1)
+        return torch.cat([torch.remainder(row + steps, self.rows) for row in first_rows])
+
+    def combine(self, vectors: list[torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
+        ids = ids.to(torch.int64)
+        positions = torch.arange(self.length, device=ids.device)
+        chunks = []
+        for c in range(self.chunks):  # Z chunks (1 by default), each vectorized over every id
+            window = torch.cat(vectors[c * self.probes : (c + 1) * self.probes], dim=-1)
+            word = hash64(ids, self.offset_salts[c])
+            # the remap's offset (hash_to_range: the top 63 bits mod m), from the same 64-bit hash
+            offset = torch.bitwise_right_shift(word, 1).bitwise_and_(2**63 - 1) % self.floats
+            floats = torch.gather(window, -1, (offset % self.width).unsqueeze(-1) + positions)
+            signs = self._signs(word, ids, self.sign_salts[c], positions)
+            chunks.append(floats * signs.to(floats.dtype))
+        return chunks[0] if self.chunks == 1 else torch.cat(chunks, dim=-1)
+
+    @staticmethod
+    def _signs(
+        first: torch.Tensor, ids: torch.Tensor, salts: list[int], positions: torch.Tensor
+    ) -> torch.Tensor:
+        """``[..., L]`` of +-1, -1 where float j is negated: bit ``63 - j % 32`` of hash word
+        ``j // 32`` (word 0 the offset's hash `first`, the others hashed with `salts`)."""
+        words = first.unsqueeze(-1)
+        if salts:
+            words = torch.stack([first, *(hash64(ids, salt) for salt in salts)], dim=-1)
+            words = words[..., positions // SIGN_BITS]
+        return 1 - 2 * (torch.bitwise_right_shift(words, 63 - positions % SIGN_BITS) & 1)

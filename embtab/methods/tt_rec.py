@@ -1,0 +1,146 @@
+"""TT-Rec: tensor-train compressed tables (Yin et al., MLSys 2021, arXiv 2101.11714).
+
+A table of ``n`` ids of width ``d`` is a 3-core tensor train. The ids get three mixed-radix digits
+``(i1, i2, i3)`` with ``n1 * n2 * n3 >= n`` (QR's partition code,
+`embtab.methods.qr.mixed_radix_digits`: ``i1 = i mod n1``, ``i2 = floor(i / n1) mod n2``,
+``i3 = floor(i / (n1 n2))``, near-equal digits ``n_j ~ n ** (1/3)``), the width factors as
+``d = d1 * d2 * d3``, and id ``i``'s vector is the chained product of three cores
+
+    e[j1, j2, j3] = sum_{a < r, b < r} G1[i1][j1, a] * G2[i2][a, j2, b] * G3[i3][b, j3]
+
+flattened row-major (``j1 * d2 * d3 + j2 * d3 + j3``), rank ``r`` the budget knob. Each core is a
+physical table looked up by its digit: G1 ``n1 x (d1 r)``, G2 ``n2 x (r d2 r)``, G3 ``n3 x (r d3)``
+(widths padded up to a multiple of 4 for fbgemm; the padding columns are never read), and
+`combine` is two batched matrix products per id. The product is not linear in a bag, so pooled
+features are combined per id, then pooled (``pooling_commutes = False``). Parameters
+``r (n1 d1 + r n2 d2 + n3 d3)`` (before padding); a table whose cores would not be smaller than
+its full ``n x d`` table stays full, as in the paper and the benchmark (tables too small to gain).
+
+Initialization (the paper's "sampled Gaussian"): every core element is drawn from N(0, s**2) with
+``s = (3 n r**2) ** (-1/6)``, so each element of the product, a sum of ``r**2`` products of three
+independent draws, has the variance ``r**2 s**6 = 1 / (3 n)`` of the full table's default
+U(-sqrt(1/n), sqrt(1/n)) (uniform cores would give a product far from it).
+
+Not here: the paper's cache of hot rows (a full-precision cache of the most frequent ids), and
+FBGEMM's fused TT kernel (this runs the three core lookups in the one fused torchrec lookup and
+the products in torch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from embtab.config import LogicalTable
+from embtab.methods.base import PhysicalTable, SizedSpec, TableMethod
+from embtab.methods.frequency import check_int
+from embtab.methods.full import FullTable
+from embtab.methods.qr import ceil_root, mixed_radix_digits, partition_sizes
+from embtab.registry import MethodKind, register_method
+
+CORES = 3
+
+
+@register_method(MethodKind.COMPRESSION)
+@dataclass(frozen=True)
+class TTRec(SizedSpec):
+    """A 3-core tensor train per table (tables it would not shrink stay full).
+
+    Args:
+        rank: the TT rank r (bytes grow with it, about ``r**2 * n**(1/3)``: the budget knob).
+        dim_factors: ``(d1, d2, d3)`` with product the table's width; default the near-equal
+            factors of the width in ascending order (16 -> (2, 2, 4), 64 -> (4, 4, 4)).
+    """
+
+    name = "tt_rec"
+    size_field: ClassVar[str] = "rank"
+    size_increasing: ClassVar[bool] = True
+
+    rank: int
+    dim_factors: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.dim_factors is not None:
+            object.__setattr__(self, "dim_factors", tuple(self.dim_factors))
+
+    def build(self, table: LogicalTable) -> TableMethod:
+        check_int(table.name, "rank", self.rank, 1)
+        factors = self.factors(table)
+        sizes = partition_sizes(table.cardinality, ceil_root(table.cardinality, CORES), CORES)
+        if core_floats(sizes, factors, self.rank) >= table.cardinality * table.dim:
+            return FullTable().build(table)
+        return TTRecMethod(table, sizes, factors, self.rank)
+
+    def factors(self, table: LogicalTable) -> tuple[int, int, int]:
+        """The width factors ``(d1, d2, d3)``, checked against the table's width."""
+        if self.dim_factors is None:
+            return dim_factors(table.dim)
+        factors = self.dim_factors
+        valid = len(factors) == CORES and all(
+            isinstance(f, int) and not isinstance(f, bool) and f >= 1 for f in factors
+        )
+        if not valid or factors[0] * factors[1] * factors[2] != table.dim:
+            raise ValueError(
+                f"table {table.name!r}: dim_factors must be 3 positive integers with product "
+                f"{table.dim} (the width), got {factors!r}"
+            )
+        return factors  # type: ignore[return-value]
+
+
+def dim_factors(dim: int) -> tuple[int, int, int]:
+    """Near-equal factors ``d1 <= d2 <= d3`` of `dim`: d1 the largest divisor <= dim ** (1/3),
+    d2 the largest divisor of the rest <= its square root."""
+    d1 = max(f for f in range(1, dim + 1) if dim % f == 0 and f**3 <= dim)
+    rest = dim // d1
+    d2 = max(f for f in range(1, rest + 1) if rest % f == 0 and f * f <= rest)
+    return d1, d2, rest // d2
+
+
+def core_widths(factors: tuple[int, int, int], rank: int) -> tuple[int, int, int]:
+    """Unpadded widths of the three cores: ``d1 r``, ``r d2 r``, ``r d3``."""
+    d1, d2, d3 = factors
+    return d1 * rank, rank * d2 * rank, rank * d3
+
+
+def _round_up4(n: int) -> int:
+    return -(-n // 4) * 4
+
+
+def core_floats(sizes: tuple[int, ...], factors: tuple[int, int, int], rank: int) -> int:
+    """Floats the three (padded) core tables hold."""
+    return sum(n * _round_up4(w) for n, w in zip(sizes, core_widths(factors, rank)))
+
+
+def init_std(cardinality: int, rank: int) -> float:
+    """The cores' standard deviation: the product then has the full table's variance 1 / (3 n)."""
+    return (3 * cardinality * rank * rank) ** (-1 / 6)
+
+
+class TTRecMethod(TableMethod):
+    pooling_commutes = False
+
+    def __init__(
+        self, table: LogicalTable, sizes: tuple[int, ...], factors: tuple[int, int, int], rank: int
+    ) -> None:
+        super().__init__(table)
+        self.sizes, self.factors, self.rank = sizes, factors, rank
+        self.widths = core_widths(factors, rank)
+        std = init_std(table.cardinality, rank)
+        self.physical_tables = tuple(
+            PhysicalTable(f"{table.name}@tt{j}", rows, _round_up4(width), init_std=std)
+            for j, (rows, width) in enumerate(zip(sizes, self.widths))
+        )
+
+    def remap(self, ids: torch.Tensor) -> torch.Tensor:
+        return mixed_radix_digits(ids, self.sizes)
+
+    def combine(self, vectors: list[torch.Tensor]) -> torch.Tensor:
+        d1, d2, d3 = self.factors
+        r = self.rank
+        lead = vectors[0].shape[:-1]
+        first, middle, last = (v[..., :w] for v, w in zip(vectors, self.widths))
+        out = torch.matmul(first.reshape(*lead, d1, r), middle.reshape(*lead, r, d2 * r))
+        out = torch.matmul(out.reshape(*lead, d1 * d2, r), last.reshape(*lead, r, d3))
+        return out.reshape(*lead, self.table.dim)

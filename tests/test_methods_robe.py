@@ -1,0 +1,97 @@
+"""ROBE: forward and a fused SGD step against the paper's formula read straight off the flat
+circular array (``e[c L + j] = g(x, c, j) * M[(h(x, c) + j) mod m]``), one shared array for every
+table, Z > 1, wrapping reads, bad parameters, the rows knob and TOML round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import embtab
+from embtab.config import LogicalTable
+from embtab.hashing import hash64, hash_to_range, salt_of
+from embtab.methods import METHODS, method_from_dict
+from embtab.methods.robe import ROBE, probes_per_chunk, row_floats
+from embtab.testing import assert_fused_step_matches_reference, random_kjt
+
+DIM = 16
+FEATURES = (
+    embtab.FeatureSpec("tags", 500),
+    embtab.FeatureSpec("tags_mean", 500, pooling="mean", table="tags"),
+    embtab.FeatureSpec("item", 300),
+    embtab.FeatureSpec("hist", 300, pooling="none", table="item"),
+)
+
+
+def naive_vectors(array: torch.Tensor, spec: ROBE, table: str, ids: torch.Tensor, dim: int = DIM) -> torch.Tensor:
+    """Every float of every id read on its own from the flat array, with its own sign bit."""
+    m, length = array.numel(), dim // spec.chunks
+    rows = []
+    for x in ids.tolist():
+        one = torch.tensor([x])
+        row = []
+        for c in range(spec.chunks):
+            offset = int(hash_to_range(one, m, salt_of(table, spec.salt, "offset", c)))
+            for j in range(length):
+                salt = salt_of(table, spec.salt, "offset", c) if j < 32 else salt_of(table, spec.salt, "sign", c, j // 32)
+                word = int(hash64(one, salt)) & (2**64 - 1)
+                sign = -1.0 if (word >> (63 - j % 32)) & 1 else 1.0
+                row.append(sign * array[(offset + j) % m])
+        rows.append(torch.stack(row))
+    return torch.stack(rows) if rows else torch.zeros(0, dim)
+
+
+@pytest.mark.parametrize("rows,chunks,dim", [(40, 1, 16), (1, 1, 16), (64, 4, 16), (64, 16, 16), (3, 16, 16), (50, 1, 72)])
+def test_forward_and_fused_step_match_the_circular_array_formula(rows, chunks, dim):
+    """rows=1: a 16-float array, as long as a vector, so every read wraps around; (3, 16): 12
+    floats read one at a time; width 72: signs from three hash words."""
+    spec = ROBE(rows=rows, chunks=chunks, salt=5)
+    torch.manual_seed(0)
+    tables = embtab.EmbeddingTables(embtab.EmbeddingSpec(features=FEATURES, dim=dim, method=spec))
+    assert list(tables.physical_tables) == ["robe"]  # one array for every table
+    assert tables.physical_tables["robe"].rows == rows and tables.ebc is None
+    kjt = random_kjt(FEATURES, batch=6, seed=2, max_len=4)
+    reference = lambda w, t, ids: naive_vectors(w["robe"].reshape(-1), spec, t, ids, dim)  # noqa: E731
+    assert_fused_step_matches_reference(tables, kjt, reference)
+
+
+def test_reads_are_consecutive_signed_floats_from_a_hashed_offset():
+    spec = ROBE(rows=1000)
+    method = spec.build(LogicalTable("item", 300, DIM, FEATURES[2:], spec))
+    assert [probes_per_chunk(16, 16), probes_per_chunk(16, 4), probes_per_chunk(4, 4), probes_per_chunk(1, 4)] == [2, 5, 2, 1]
+    assert [row_floats(16), row_floats(2), row_floats(8)] == [16, 4, 8]
+    array = torch.arange(16_000, dtype=torch.float32).reshape(1000, 16)
+    ids = torch.arange(300)
+    rows = method.remap_hashed(ids, [hash_to_range(ids, 16_000, s) for _, s in method.hashes()])
+    assert rows.shape == (2, 300)  # two rows of 16 floats hold any 16 consecutive ones
+    vectors = method.combine([array[r] for r in rows], ids)
+    offsets = vectors.abs()[:, 0]
+    assert torch.equal(vectors.abs(), (offsets.unsqueeze(1) + torch.arange(DIM)) % 16_000)
+    assert len(set((offsets % 16).tolist())) > 8  # offsets at any float, not whole rows
+    assert 0.4 < float((vectors < 0).float().mean()) < 0.6  # the sign hash flips about half
+
+
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        (ROBE(rows=0), r"table 'item': rows must be an integer >= 1, got 0"),
+        (ROBE(rows=8, chunks=3), r"table 'item': chunks=3 does not divide the width 16"),
+        (ROBE(rows=8, chunks=0), r"table 'item': chunks must be an integer >= 1, got 0"),
+        (ROBE(rows=8, table=""), r"table 'item': the shared array name must be non-empty"),
+    ],
+)
+def test_bad_parameters_name_the_table_and_the_value(spec, message):
+    with pytest.raises(ValueError, match=message):
+        spec.build(LogicalTable("item", 300, DIM, FEATURES[2:], spec))
+
+
+def test_rows_knob_is_the_whole_array_and_round_trips_through_toml():
+    spec = method_from_dict({"name": "robe", "rows": 10, "chunks": 2})
+    assert METHODS["robe"] is ROBE and method_from_dict(spec.to_dict()) == spec
+    assert ROBE.size_field == "rows" and ROBE.size_increasing
+    for rows in (10, 1000):
+        sized = dataclasses.replace(spec, rows=rows)
+        tables = embtab.EmbeddingTables(embtab.EmbeddingSpec(features=FEATURES, dim=DIM, method=sized))
+        assert tables.memory_bytes().total == rows * 8 * 4  # one array of 8-float rows, whatever the tables
