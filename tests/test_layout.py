@@ -19,6 +19,7 @@ class Declared:
     physical_tables: tuple[PhysicalTable, ...]
     pooling_commutes: bool = True
     signature: tuple | None = None
+    combine_uses_ids: bool = False
 
     def combine_signature(self) -> tuple | None:
         return self.signature
@@ -78,3 +79,12 @@ def test_bad_declarations_are_named():
     methods = {"one": Declared((PhysicalTable("t", 9, 8),)), "two": Declared((PhysicalTable("t", 5, 8),))}
     with pytest.raises(ValueError, match="physical table 't' is declared as"):
         compile_layout([one, two], methods)
+
+
+def test_a_combine_that_takes_ids_must_see_them_per_id_and_alone():
+    tables = [table("user", FeatureSpec("user", 10))]
+    declared = Declared((PhysicalTable("user", 10, 4),), pooling_commutes=True, combine_uses_ids=True)
+    with pytest.raises(ValueError, match="table 'user': a combine that takes the ids needs per-id lookups"):
+        compile_layout(tables, {"user": declared})
+    alone = Declared((PhysicalTable("user", 10, 4),), pooling_commutes=False, combine_uses_ids=True)
+    assert compile_layout(tables, {"user": alone}).pieces[0].bucket == PER_ID_BUCKET

@@ -62,7 +62,9 @@ def toy():
 
 def test_views_are_the_registry_by_kind():
     assert METHODS == methods_of_kind(MethodKind.COMPRESSION)
-    assert SEARCH_METHODS == methods_of_kind(MethodKind.LEARNED_SIZE, MethodKind.SEARCH_RESULT)
+    assert SEARCH_METHODS == methods_of_kind(
+        MethodKind.LEARNED_SIZE, MethodKind.SEARCH_RESULT, MethodKind.EXPORT_COMPRESSED
+    )
     assert PLACEMENT_METHODS == methods_of_kind("placement")
     assert list(METHODS) == [
         "full", "hashing_trick", "multi_hash", "qr", "multiplex", "managed_collision", "tt_rec", "robe", "dhe"
