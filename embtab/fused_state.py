@@ -84,10 +84,11 @@ def table_of(key: str) -> str | None:
 def local_shards(tensor: torch.Tensor) -> list[Shard]:
     """(view, first row) of each part of `tensor` this process holds: the whole of a plain tensor."""
     if isinstance(tensor, ShardedTensor):
-        return [
-            Shard(s.tensor, int(s.metadata.shard_offsets[0]), _first_column(s.metadata.shard_offsets))
-            for s in tensor.local_shards()
-        ]
+        with quiet_torchrec():
+            return [
+                Shard(s.tensor, int(s.metadata.shard_offsets[0]), _first_column(s.metadata.shard_offsets))
+                for s in tensor.local_shards()
+            ]
     return [Shard(tensor, 0)]
 
 
@@ -98,8 +99,9 @@ def _first_column(offsets: list[int]) -> int:
 def whole_local(tensor: torch.Tensor, what: str) -> torch.Tensor:
     """The tensor this process holds, which must be all of it (a table-wise shard or unsharded)."""
     if isinstance(tensor, ShardedTensor):
-        shards = tensor.local_shards()
-        if len(shards) != 1 or tuple(shards[0].tensor.shape) != tuple(tensor.size()):
+        with quiet_torchrec():
+            shards, size = tensor.local_shards(), tuple(tensor.size())
+        if len(shards) != 1 or tuple(shards[0].tensor.shape) != size:
             raise ValueError(f"{what} must be whole on one rank (table-wise sharding)")
         return shards[0].tensor
     return tensor
