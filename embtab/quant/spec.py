@@ -7,6 +7,7 @@ from dataclasses import dataclass
 FP16_ROUNDINGS: tuple[str, ...] = ("stochastic", "nearest")
 QAT_SCHEMES: tuple[str, ...] = ("lpt", "alpt")
 QAT_BITS: tuple[int, ...] = (8, 4, 2)
+DEFAULT_QAT = "alpt"  # the scheme a model served at int8/int4/int2 trains with unless told (a learned step per row)
 
 
 @dataclass(frozen=True)
