@@ -120,7 +120,10 @@ def cell_config(base: dict[str, Any], cell: Cell, full_bytes: int, params: dict[
     label, _, precision = cell.method.partition("@")
     method = label.removesuffix(HOT)
     config["embedding"]["method"] = {"name": method, **params.get(method, {})}
-    config["embedding"].update(precision_settings(precision))
+    settings = precision_settings(precision)
+    if "low_precision" in settings:  # the base config's QAT settings (e.g. its grid's reach) apply
+        settings["low_precision"] = {**config["embedding"].get("low_precision", {}), **settings["low_precision"]}
+    config["embedding"].update(settings)
     if budget.kind == "parameters":
         config["embedding"]["budget_parameter_ratio"] = float(budget.fraction)  # type: ignore[arg-type]
     elif method != "full" or budget.fraction != 1:
