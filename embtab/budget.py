@@ -664,9 +664,9 @@ def _checked(result: BudgetFit, min_fill: float, method: MethodSpec, unit: str, 
         raise AssertionError(f"solved configuration uses {result.bytes} > budget {result.budget_bytes}")
     if result.bytes < min_fill * result.budget_bytes:
         kind = AboveMaximum if maximal else Unfillable
-        what = "above the maximum of" if maximal else f"cannot be filled to {min_fill:.0%} by"
+        what = "is above the maximum of" if maximal else f"cannot be filled to {min_fill:.0%} by"
         raise kind(
-            f"budget {result.budget_bytes} {unit.split(' ')[0]} is {what} method {method.name!r} for these "
+            f"budget {result.budget_bytes} {unit.split(' ')[0]} {what} method {method.name!r} for these "
             f"features: {result.bytes} {unit} at {at}; expected a budget <= {int(result.bytes / min_fill)}",
             method.name, result.budget_bytes, result.bytes, unit,
         )

@@ -323,6 +323,11 @@ def print_summary(summary: dict[str, Any]) -> None:
         f"parameters {summary['total_parameters']:,} | train {summary['train_samples_per_s']:,.0f} samples/s | "
         f"inference {summary['inference_samples_per_s']:,.0f} samples/s"
     )
+    if "served_precision" in summary:
+        print(
+            f"served at {summary['served_precision']}: test AUC {summary['served_test_auc']:.4f} | "
+            f"logloss {summary['served_test_logloss']:.4f} | {summary['served_bytes']:,} bytes"
+        )
 
 
 def main() -> None:

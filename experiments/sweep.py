@@ -488,11 +488,11 @@ def write_outputs(results: pl.DataFrame, out: Path) -> str:
 
 
 def _budgets_of(method: str, budgets: list[str]) -> list[str]:
-    """The budgets a method's cells take: the full table is the reference at its own size (1), a
-    learned-size method one cell for every budget."""
+    """The budgets a method's cells take: the full table (at any precision) is the reference at its
+    own size (1), a learned-size method one cell for every budget."""
     if method in LEARNED:
         return [ALL_BUDGETS]
-    return ["1"] if method == "full" else budgets
+    return ["1"] if method.partition("@")[0] == "full" else budgets
 
 
 def default_methods() -> list[str]:

@@ -121,6 +121,7 @@ def test_a_method_at_an_integer_precision_is_sized_and_tested_as_served(tmp_path
     config = cell_config({"embedding": {"dim": 8}, "train": {}}, Cell("qr@int8", "1/4", 0), 4000, {})
     assert config["embedding"]["export_precision"] == "int8"
     assert config["embedding"]["low_precision"] == {"qat": "alpt", "bits": 8}
+    assert sweep._budgets_of("full@int4", ["1/4", "1/16"]) == ["1"]  # the full table at its own size
     start, end = ARGS.index("--methods"), ARGS.index("--set")
     args = [*ARGS[:start], "--methods", "hashing_trick@int4", "--budgets", "1/4", *ARGS[end:]]
     monkeypatch.setattr(sys, "argv", ["sweep", *args, "--out", str(tmp_path)])
