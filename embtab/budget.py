@@ -8,7 +8,12 @@ Two accountings, both reported for every configuration:
 - **parameters** (the VLDB 2024 benchmark's ``compress_rate``): float elements of the physical
   tables plus the methods' own learnable parameters (projections, importance weights), without
   optimizer state or integer remap buffers. The *parameter ratio* is parameters / the full
-  tables' parameters.
+  tables' parameters;
+- **served bytes** at an export precision (``served_precision="int4"``; fp32, fp16, int8, int4,
+  int2): what fbgemm's inference kernels hold once the tables are exported
+  (`embtab.quant.export`): rows at `served_row_bytes` (width 16: 64 / 32 / 20 / 12 / 8 B, an IntN
+  row's fp16 scale and bias included, aligned to 4 B), each table padded to 128 B, plus the
+  methods' own tensors; no optimizer or QAT state (neither is served).
 
 Both are computed from tables built on the meta device, so nothing table-sized is allocated.
 
@@ -48,14 +53,16 @@ from embtab.collection import EmbeddingTables, MemoryReport
 from embtab.config import EmbeddingSpec, LogicalTable, MethodSpec, SparseOptimizer
 from embtab.methods.base import LearnedSizeSpec, SizedSpec
 from embtab.methods.full import FullTable
-from embtab.quant.precision import element_bytes
+from embtab.quant.precision import SERVED_PRECISIONS, check_served_precision, element_bytes, served_table_bytes
 
 _MAX_KNOB = 2**62
 _UNBOUNDED_BYTES = 2**50  # an increasing knob whose bytes pass 1 PiB counts as unbounded
 _RATIO_STEPS = 60  # bisection steps on r: below float resolution of any table's ceil(r * n)
 MIN_ROWS_TO_COMPRESS = 200  # DLRM's qr_threshold; the VLDB code's --threshold plays this role
 
-Measure = Literal["bytes", "parameter_bytes", "parameters"]
+Measure = Literal[
+    "bytes", "parameter_bytes", "parameters", "served_fp32", "served_fp16", "served_int8", "served_int4", "served_int2"
+]
 
 
 class BudgetError(ValueError):
@@ -93,14 +100,23 @@ class Cost:
     bytes: int
     parameter_bytes: int
     parameters: int
+    served: tuple[int, ...] = (0,) * len(SERVED_PRECISIONS)  # served bytes at each of SERVED_PRECISIONS
 
     def measured(self, measure: Measure) -> int:
+        if measure.startswith("served_"):
+            return self.served[SERVED_PRECISIONS.index(measure.removeprefix("served_"))]
         return {"bytes": self.bytes, "parameter_bytes": self.parameter_bytes, "parameters": self.parameters}[measure]
 
     def __add__(self, other: "Cost") -> "Cost":
         return Cost(
-            self.bytes + other.bytes, self.parameter_bytes + other.parameter_bytes, self.parameters + other.parameters
+            self.bytes + other.bytes, self.parameter_bytes + other.parameter_bytes, self.parameters + other.parameters,
+            tuple(a + b for a, b in zip(self.served, other.served)),
         )
+
+
+def _served(tables: list[tuple[int, int]], own_bytes: int) -> tuple[int, ...]:
+    """Served bytes of physical tables ``[(rows, dim), ...]`` at each export precision."""
+    return tuple(sum(served_table_bytes(r, d, p) for r, d in tables) + own_bytes for p in SERVED_PRECISIONS)
 
 
 @dataclass(frozen=True)
@@ -160,7 +176,8 @@ def _meta_tables(spec: EmbeddingSpec) -> EmbeddingTables:
 def _cost_of(report: MemoryReport, methods: list[torch.nn.Module]) -> Cost:
     parameters = sum(t.rows * t.dim for t in report.tables.values())
     parameters += sum(p.numel() for m in methods for p in m.parameters())
-    return Cost(report.total, report.parameter_bytes, parameters)
+    served = _served([(t.rows, t.dim) for t in report.tables.values()], sum(m.extra_bytes() for m in methods))
+    return Cost(report.total, report.parameter_bytes, parameters, served)
 
 
 def memory_report(spec: EmbeddingSpec, optimizer: SparseOptimizer | None) -> MemoryReport:
@@ -204,11 +221,16 @@ def parameter_ratio(spec: EmbeddingSpec) -> float:
     return spec_cost(spec, SparseOptimizer("sgd")).parameters / full_table_parameters(spec)
 
 
-def _measure(include_optimizer: bool) -> Measure:
+def _measure(include_optimizer: bool, served_precision: str | None = None) -> Measure:
+    if served_precision is not None:
+        check_served_precision(served_precision, "budget")
+        return f"served_{served_precision}"  # type: ignore[return-value]
     return "bytes" if include_optimizer else "parameter_bytes"
 
 
 def _unit(measure: Measure, optimizer: SparseOptimizer) -> str:
+    if measure.startswith("served_"):
+        return f"bytes served at {measure.removeprefix('served_')} (fbgemm's inference rows)"
     return {
         "bytes": f"bytes under the {optimizer.kind} optimizer",
         "parameter_bytes": "parameter bytes",
@@ -397,7 +419,8 @@ class _TableSizes:
         state = sum(self.optimizer.state_bytes(p.rows, p.dim) for p in physical)
         own = built.extra_bytes()
         parameters = sum(p.rows * p.dim for p in physical) + sum(p.numel() for p in built.parameters())
-        return Cost(weights + own + state, weights + own, parameters)
+        served = _served([(p.rows, p.dim) for p in physical], own)
+        return Cost(weights + own + state, weights + own, parameters, served)
 
     def method_for(self, ratio: float) -> MethodSpec:
         """The table's method at ratio r: the knob with the most parameters within ``ceil(r * n)``
@@ -482,10 +505,12 @@ def budget_range(
     method: MethodSpec | None = None,
     include_optimizer: bool = True,
     min_rows_to_compress: int = MIN_ROWS_TO_COMPRESS,
+    served_precision: str | None = None,
 ) -> tuple[int, int | None]:
-    """(minimum, maximum or None for unbounded) bytes `method` can take for `spec`'s features."""
+    """(minimum, maximum or None for unbounded) bytes `method` can take for `spec`'s features
+    (served bytes at `served_precision` if given)."""
     method = method or spec.method
-    measure = _measure(include_optimizer)
+    measure = _measure(include_optimizer, served_precision)
     if not isinstance(method, SizedSpec):
         fixed = spec_cost(_with_method(spec, method), optimizer).measured(measure)
         return fixed, fixed
@@ -506,6 +531,7 @@ def solve_budget(
     include_optimizer: bool = True,
     min_fill: float = 0.9,
     min_rows_to_compress: int = MIN_ROWS_TO_COMPRESS,
+    served_precision: str | None = None,
 ) -> BudgetFit:
     """The configuration of `method` (default ``spec.method``) with the most bytes within the budget.
 
@@ -518,11 +544,14 @@ def solve_budget(
         method: a spec of the method to size; the value of its knob (``size_field``) is ignored.
         min_fill: the result must use at least this fraction of the budget.
         min_rows_to_compress: per-table sizing leaves tables with fewer ids full.
+        served_precision: count the budget in served bytes of the tables exported at this
+            precision (fp32, fp16, int8, int4, int2; see the module docstring) instead.
 
     Raises:
         BudgetError: `BelowMinimum`, `AboveMaximum` or `Unfillable` (with the nearest amounts).
     """
-    return _solve(spec, budget_bytes, optimizer, method, _measure(include_optimizer), min_fill, min_rows_to_compress)
+    measure = _measure(include_optimizer, served_precision)
+    return _solve(spec, budget_bytes, optimizer, method, measure, min_fill, min_rows_to_compress)
 
 
 def solve_parameter_ratio(
@@ -606,8 +635,11 @@ def _learned(
     budget as their export target: `embtab.search` prunes to it after training. `bytes` is that
     target; `report` and `cost` are the training allocation. The budget must cover the smallest
     export (``method.floor_method()``: no row kept, the narrowest width)."""
-    if measure == "parameters":
-        raise ValueError(f"method {method.name!r}: a learned size takes a budget in bytes, not a parameter ratio")
+    if measure == "parameters" or measure.startswith("served_"):
+        raise ValueError(
+            f"method {method.name!r}: a learned size takes a budget in training bytes, not a "
+            f"{'parameter ratio' if measure == 'parameters' else 'served-bytes budget'}"
+        )
     smallest = _with_method(spec, method.floor_method())
     floor = spec_cost(smallest, optimizer).measured(measure)
     if budget < floor:
@@ -632,9 +664,9 @@ def _checked(result: BudgetFit, min_fill: float, method: MethodSpec, unit: str, 
         raise AssertionError(f"solved configuration uses {result.bytes} > budget {result.budget_bytes}")
     if result.bytes < min_fill * result.budget_bytes:
         kind = AboveMaximum if maximal else Unfillable
-        what = "above the maximum of" if maximal else f"cannot be filled to {min_fill:.0%} by"
+        what = "is above the maximum of" if maximal else f"cannot be filled to {min_fill:.0%} by"
         raise kind(
-            f"budget {result.budget_bytes} {unit.split(' ')[0]} is {what} method {method.name!r} for these "
+            f"budget {result.budget_bytes} {unit.split(' ')[0]} {what} method {method.name!r} for these "
             f"features: {result.bytes} {unit} at {at}; expected a budget <= {int(result.bytes / min_fill)}",
             method.name, result.budget_bytes, result.bytes, unit,
         )

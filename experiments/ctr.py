@@ -8,7 +8,10 @@
 The configuration is a TOML file with the tables [data], [model], [embedding] and [train];
 command-line flags and `--set section.key=value` override it. The run prints and saves (to
 `<out>/result.json`) test AUC and logloss, embedding bytes, total parameters, and train and
-inference samples/s; per-epoch metrics go to `<out>/metrics.csv`.
+inference samples/s; per-epoch metrics go to `<out>/metrics.csv`. With `export_precision` in
+[embedding] (fp32, fp16, int8, int4, int2) a budget counts the tables' served bytes at that
+precision, and the trained model is also exported (`embtab.quant.export`) and tested through
+fbgemm's inference kernels (`served_bytes`, `served_test_auc`).
 
 With `--distributed` (under torchrun) the tables are sharded over the ranks as the optional
 [sharding] table says (`default_types`, `types = {table = [...]}`, `rank_memory_bytes`,
@@ -37,6 +40,7 @@ from embtab.methods.base import SizedSpec
 from data import DatasetSplits, load_dataset
 from data.registry import loader_of
 from embtab.checks import check_call, check_field_types, check_keys
+from embtab.quant.precision import check_served_precision
 from embtab.files import FolderBusyError
 from embtab.shard import ShardingConstraints
 from experiments.common import is_writer, join_torchrun, parser, write_json
@@ -53,7 +57,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 PLACEHOLDER_SIZE = 64
 SECTIONS = ("data", "model", "embedding", "train", "sharding")
 BUDGET_KEYS = ("budget_bytes", "budget_parameter_ratio", "budget_min_fill")
-EMBEDDING_KEYS = ("dim", "method", "table_methods", "precision", "table_precisions", "low_precision", *BUDGET_KEYS)
+EXPORT_KEY = "export_precision"  # served at this precision: budget in served bytes, test through the export
+EMBEDDING_KEYS = (
+    "dim", "method", "table_methods", "precision", "table_precisions", "low_precision", EXPORT_KEY, *BUDGET_KEYS
+)
 
 FLAGS = {
     "dataset": ("data", "name", str),
@@ -133,6 +140,8 @@ def check_config(config: dict[str, Any], sections: Sequence[str] = SECTIONS) -> 
     embedding = config.get("embedding", {})
     check_keys(embedding, EMBEDDING_KEYS, "[embedding]")
     _budget(embedding)
+    if EXPORT_KEY in embedding:
+        check_served_precision(embedding[EXPORT_KEY], f"[embedding]: {EXPORT_KEY}")
     settings = dict(config["model"])
     name = settings.pop("name")
     if name not in MODELS:
@@ -183,7 +192,7 @@ def embedding_spec(
     """The dataset's features with the configured width and method (sized to a budget if one is set)."""
     check_keys(table, EMBEDDING_KEYS, "[embedding]")
     budget, ratio, min_fill = _budget(table)
-    settings = {k: v for k, v in table.items() if k not in BUDGET_KEYS}
+    settings = {k: v for k, v in table.items() if k not in (*BUDGET_KEYS, EXPORT_KEY)}
     if budget is not None or ratio is not None:
         settings["method"] = _with_placeholder_size(settings.get("method", {"name": "full"}))
     try:
@@ -195,7 +204,7 @@ def embedding_spec(
     for where, method in (("method", spec.method), *((f"table_methods.{n}", m) for n, m in spec.table_methods)):
         check_field_types(method, f"[embedding.{where}] {method.name}")
     if budget is not None:
-        spec = solve_budget(spec, budget, optimizer, min_fill=min_fill).spec
+        spec = solve_budget(spec, budget, optimizer, min_fill=min_fill, served_precision=table.get(EXPORT_KEY)).spec
     elif ratio is not None:
         spec = solve_parameter_ratio(spec, ratio, optimizer, min_fill=min_fill).spec
     return spec
@@ -258,7 +267,7 @@ def run(
     dense_parameters = sum(p.numel() for p in model.parameters()) - sum(
         p.numel() for p in tables.parameters()
     )
-    embedding_parameters = memory.parameter_bytes // 4
+    embedding_parameters = spec_cost(spec, train.sparse()).parameters  # elements, whatever their precision
     trainer = Trainer(
         model,
         splits,
@@ -280,19 +289,31 @@ def run(
         "method": spec.method.to_dict(),
         "table_methods": {name: m.to_dict() for name, m in spec.table_methods},
         "embedding_bytes": memory.total,
-        "embedding_parameters": (parameters := spec_cost(spec, train.sparse()).parameters),
-        "embedding_parameter_ratio": parameters / full_table_parameters(spec),
+        "embedding_parameters": embedding_parameters,
+        "embedding_parameter_ratio": embedding_parameters / full_table_parameters(spec),
         "embedding_parameter_bytes": memory.parameter_bytes,
         "total_parameters": embedding_parameters + dense_parameters,
         "world_size": trainer.world,
         "plan": trainer.plan,
         **{k: v for k, v in result.items() if k != "history"},
+        **_served(trainer, config["embedding"].get(EXPORT_KEY), splits),
         "history": result["history"],
         "config": config,
     }
     if is_writer():
         write_json(out_dir / "result.json", summary)
     return summary
+
+
+def _served(trainer: Trainer, precision: str | None, splits: DatasetSplits) -> dict[str, Any]:
+    """The trained model exported at `precision` (`embtab.quant.export`): its served bytes and its
+    test metrics through fbgemm's inference kernels (nothing without an export precision)."""
+    if precision is None:
+        return {}
+    from experiments.precision import served_metrics
+
+    auc, logloss, size = served_metrics(trainer, precision, splits)
+    return {"served_precision": precision, "served_bytes": size, "served_test_auc": auc, "served_test_logloss": logloss}
 
 
 def print_summary(summary: dict[str, Any]) -> None:
@@ -302,6 +323,11 @@ def print_summary(summary: dict[str, Any]) -> None:
         f"parameters {summary['total_parameters']:,} | train {summary['train_samples_per_s']:,.0f} samples/s | "
         f"inference {summary['inference_samples_per_s']:,.0f} samples/s"
     )
+    if "served_precision" in summary:
+        print(
+            f"served at {summary['served_precision']}: test AUC {summary['served_test_auc']:.4f} | "
+            f"logloss {summary['served_test_logloss']:.4f} | {summary['served_bytes']:,} bytes"
+        )
 
 
 def main() -> None:

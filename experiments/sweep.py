@@ -16,6 +16,14 @@ Budgets: ``1/16`` is a fraction of the full table's bytes (weights + fused optim
 ``1048576B`` bytes. Every row records both accountings (``bytes``, ``parameter_ratio``) and the
 cell's wall time. A budget a method cannot reach is recorded as unreachable with the reason.
 
+Precision: ``NAME@fp16`` stores the method's tables in fp16 (sized at 2 bytes per weight);
+``NAME@int8`` / ``@int4`` / ``@int2`` trains them quantization-aware at that width
+(`embtab.quant.spec.DEFAULT_QAT`), sizes them to the same budget counted in the bytes fbgemm's
+IntN kernels serve (width 16: 20 / 12 / 8 B per row, fp16 scale and bias included), and tests the
+exported model. Such a row's ``bytes`` are the served bytes (``bytes_counted = "served int4"``),
+``train_bytes`` the training allocation (fp32 grid, optimizer and QAT state), ``qat_test_auc`` the
+QAT model's own evaluation.
+
 Finished cells are skipped on a re-run, so a killed sweep loses at most the cells in progress; a
 finished cell keeps its rows, not its checkpoints. ``--report-only`` writes the outputs of the
 cells finished so far and trains nothing. Writes `results.parquet`, `results.csv`,
@@ -103,21 +111,39 @@ def budget_fraction(text: str) -> Fraction | None:
 
 
 def cell_config(base: dict[str, Any], cell: Cell, full_bytes: int, params: dict[str, Any]) -> dict[str, Any]:
-    """The experiments.ctr config of a sized cell (its method, budget, seed and stored precision:
-    ``hashing_trick@fp16`` trains its tables in fp16)."""
+    """The experiments.ctr config of a sized cell (its method, budget, seed and precision:
+    ``hashing_trick@fp16`` trains its tables in fp16; ``hashing_trick@int4`` trains them
+    quantization-aware at 4 bits (`embtab.quant.spec.DEFAULT_QAT`), is sized to the budget in the
+    bytes served at int4, and is tested through the int4 export)."""
     config = {k: copy.deepcopy(v) for k, v in base.items() if k in SECTIONS}
     budget = Budget(cell.budget)
     label, _, precision = cell.method.partition("@")
     method = label.removesuffix(HOT)
     config["embedding"]["method"] = {"name": method, **params.get(method, {})}
-    if precision:
-        config["embedding"]["precision"] = precision
+    settings = precision_settings(precision)
+    if "low_precision" in settings:  # the base config's QAT settings (e.g. its grid's reach) apply
+        settings["low_precision"] = {**config["embedding"].get("low_precision", {}), **settings["low_precision"]}
+    config["embedding"].update(settings)
     if budget.kind == "parameters":
         config["embedding"]["budget_parameter_ratio"] = float(budget.fraction)  # type: ignore[arg-type]
     elif method != "full" or budget.fraction != 1:
         config["embedding"]["budget_bytes"] = budget.bytes(full_bytes)
     config["train"] = {**config.get("train", {}), "seed": cell.seed, "progress": False}
     return config
+
+
+def precision_settings(precision: str) -> dict[str, Any]:
+    """[embedding] settings of a method entry's ``@precision`` suffix ("" or fp32: none)."""
+    from embtab.quant.export import BITS
+    from embtab.quant.precision import check_served_precision
+    from embtab.quant.spec import DEFAULT_QAT
+
+    if precision in ("", "fp32"):
+        return {}
+    check_served_precision(precision, "sweep method suffix @")
+    if precision == "fp16":
+        return {"precision": "fp16"}
+    return {"low_precision": {"qat": DEFAULT_QAT, "bits": BITS[precision]}, "export_precision": precision}
 
 
 def hot_overrides(config: dict[str, Any], hot_share: float) -> dict[str, dict[str, Any]]:
@@ -191,17 +217,23 @@ def _sized_row(
     except BudgetError as error:
         return {**row, "status": "unreachable", "reason": str(error)}
     budget = Budget(cell.budget)
+    served = "served_precision" in summary  # an @int<b> entry: sized, and tested, as served
+    counted = summary["served_bytes"] if served else summary["embedding_bytes"]
     return {
         **row,
         "status": "ok",
         "parameters_json": json.dumps({"method": summary["method"], "tables": summary["table_methods"]}),
         "budget_bytes": budget.bytes(full_bytes) if budget.kind == "bytes" else None,
-        "bytes": summary["embedding_bytes"],
+        "bytes": counted,
+        "bytes_counted": f"served {summary['served_precision']}" if served else "training",
+        "train_bytes": summary["embedding_bytes"],
+        "served_bytes": summary.get("served_bytes"),
         "parameters": summary["embedding_parameters"],
         "parameter_ratio": summary["embedding_parameter_ratio"],
-        "compression": full_bytes / summary["embedding_bytes"],
-        "test_auc": summary["test_auc"],
-        "test_logloss": summary["test_logloss"],
+        "compression": full_bytes / counted,
+        "test_auc": summary["served_test_auc"] if served else summary["test_auc"],
+        "test_logloss": summary["served_test_logloss"] if served else summary["test_logloss"],
+        "qat_test_auc": summary["test_auc"] if served else None,
         "valid_auc": summary["valid_auc"],
         "best_epoch": summary["best_epoch"],
         "epochs_run": summary["epochs_run"],
@@ -356,7 +388,8 @@ def summarize(results: pl.DataFrame) -> str:
     return (
         "\n".join(lines)
         + "\n\nTest AUC, mean ± std over seeds (bytes allocated: weights + optimizer state, or the CSR "
-        "export for PEP; p: parameters kept / full parameters; wall seconds per cell).\n\n"
+        "export for PEP; NAME@int<b>: trained quantization-aware, sized and tested as served by fbgemm's "
+        "INT<b> kernels, bytes served; p: parameters kept / full parameters; wall seconds per cell).\n\n"
         + "Best per budget: "
         + "; ".join(winners)
         + "\n"
@@ -455,11 +488,11 @@ def write_outputs(results: pl.DataFrame, out: Path) -> str:
 
 
 def _budgets_of(method: str, budgets: list[str]) -> list[str]:
-    """The budgets a method's cells take: the full table is the reference at its own size (1), a
-    learned-size method one cell for every budget."""
+    """The budgets a method's cells take: the full table (at any precision) is the reference at its
+    own size (1), a learned-size method one cell for every budget."""
     if method in LEARNED:
         return [ALL_BUDGETS]
-    return ["1"] if method == "full" else budgets
+    return ["1"] if method.partition("@")[0] == "full" else budgets
 
 
 def default_methods() -> list[str]:
@@ -476,7 +509,12 @@ def main() -> None:
     p.add_argument("--dataset")
     p.add_argument("--model")
     p.add_argument("--epochs", type=int)
-    p.add_argument("--methods", nargs="+", help="default: every method (see the module docstring); NAME@fp16 stores its tables in fp16")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        help="default: every method (see the module docstring); NAME@fp16 stores its tables in fp16, "
+        "NAME@int8 / @int4 / @int2 trains quantization-aware and is sized and tested as served at that precision",
+    )
     p.add_argument(
         "--budgets",
         nargs="+",
@@ -508,6 +546,14 @@ def main() -> None:
     unknown = sorted({m.partition("@")[0] for m in methods} - set(known))
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; known: {known}")
+    for method in methods:
+        name, _, precision = method.partition("@")
+        if precision and name in LEARNED:
+            raise SystemExit(f"--methods {method}: a learned-size method takes no @precision (its budget is its export target)")
+        try:
+            precision_settings(precision)
+        except ValueError as error:
+            raise SystemExit(f"--methods {method}: {error}") from None
     params = base.pop("method_params", {})
     base["embedding"]["budget_min_fill"] = args.min_fill
     first_seed = base.get("train", {}).get("seed", 2024)

@@ -134,3 +134,24 @@ def test_a_typo_in_a_config_file_or_override_is_refused(tmp_path):
         load_config(None, ["train.epoch=3"], {})
     with pytest.raises(ValueError, match=r"budget_bytes = 0"):
         load_config(None, [], {"budget": 0})
+
+
+def test_parameters_count_elements_whatever_their_precision(tmp_path):
+    fp32 = run(TINY, tmp_path / "fp32")
+    fp16 = run({**TINY, "embedding": {**TINY["embedding"], "precision": "fp16"}}, tmp_path / "fp16")
+    assert fp16["embedding_bytes"] < fp32["embedding_bytes"]
+    assert fp16["embedding_parameters"] == fp32["embedding_parameters"] == 4 * 300 * 8
+    assert fp16["total_parameters"] == fp32["total_parameters"]
+
+
+def test_an_export_precision_budgets_served_bytes_and_tests_the_served_model(tmp_path):
+    embedding = {
+        "dim": 8, "method": {"name": "hashing_trick"}, "budget_bytes": 4000,
+        "low_precision": {"qat": "alpt", "bits": 4}, "export_precision": "int4",
+    }
+    summary = run({**TINY, "embedding": embedding}, tmp_path / "int4")
+    assert 0.9 * 4000 <= summary["served_bytes"] <= 4000 < summary["embedding_bytes"]
+    assert summary["served_precision"] == "int4"
+    assert summary["served_test_auc"] == pytest.approx(summary["test_auc"], abs=1e-4)
+    with pytest.raises(ValueError, match="export_precision: export precision 'int3'"):
+        run({**TINY, "embedding": {**embedding, "export_precision": "int3"}}, tmp_path / "bad")

@@ -111,3 +111,25 @@ def test_a_method_at_a_precision_is_one_entry():
     assert config["embedding"]["method"] == {"name": "hashing_trick", "salt": 3}
     assert config["embedding"]["precision"] == "fp16" and config["embedding"]["budget_bytes"] == 1000
     assert "precision" not in cell_config(base, Cell("qr", "1/4", 0), 4000, {})["embedding"]
+
+
+def test_a_method_at_an_integer_precision_is_sized_and_tested_as_served(tmp_path, monkeypatch):
+    import pytest
+
+    from experiments.sweep import Cell, cell_config
+
+    config = cell_config({"embedding": {"dim": 8}, "train": {}}, Cell("qr@int8", "1/4", 0), 4000, {})
+    assert config["embedding"]["export_precision"] == "int8"
+    assert config["embedding"]["low_precision"] == {"qat": "alpt", "bits": 8}
+    assert sweep._budgets_of("full@int4", ["1/4", "1/16"]) == ["1"]  # the full table at its own size
+    start, end = ARGS.index("--methods"), ARGS.index("--set")
+    args = [*ARGS[:start], "--methods", "hashing_trick@int4", "--budgets", "1/4", *ARGS[end:]]
+    monkeypatch.setattr(sys, "argv", ["sweep", *args, "--out", str(tmp_path)])
+    sweep.main()
+    row = pl.read_parquet(tmp_path / "results.parquet").row(0, named=True)
+    assert (row["method"], row["status"], row["bytes_counted"]) == ("hashing_trick@int4", "ok", "served int4")
+    assert 0.9 * row["budget_bytes"] <= row["bytes"] == row["served_bytes"] <= row["budget_bytes"] < row["train_bytes"]
+    assert abs(row["test_auc"] - row["qat_test_auc"]) < 1e-4  # the served model scores what QAT evaluated
+    monkeypatch.setattr(sys, "argv", ["sweep", *args, "--methods", "qr@int3", "--out", str(tmp_path / "bad")])
+    with pytest.raises(SystemExit, match="qr@int3: sweep method suffix @: export precision 'int3'"):
+        sweep.main()

@@ -65,3 +65,35 @@ def test_codes_are_packed_lowest_bits_first() -> None:
     codes = torch.tensor([[1, 2, 3, 0, 3, 3, 3, 3]])
     assert pack_codes(codes, 2).tolist() == [[1 + (2 << 2) + (3 << 4), 255]]
     assert pack_codes(torch.tensor([[5, 10]]), 4).tolist() == [[5 + (10 << 4)]]
+
+
+@pytest.mark.parametrize("precision", list(ROW_BYTES))
+@pytest.mark.parametrize("dim", [8, 16, 40])
+def test_served_table_bytes_predict_the_kernels_allocation(precision: str, dim: int) -> None:
+    from embtab.quant.precision import served_row_bytes, served_table_bytes
+
+    served = export(EmbeddingTables(EmbeddingSpec(FEATURES, dim=dim)), precision)
+    assert served_row_bytes(dim, precision) == row_bytes(served, "user")
+    assert kernel_bytes(served) == served_table_bytes(50, dim, precision) + served_table_bytes(30, dim, precision)
+
+
+@pytest.mark.parametrize("method", [HashingTrick(rows=1), QREmbedding(collisions=1)], ids=lambda m: m.name)
+@pytest.mark.parametrize("precision", ["int8", "int4", "int2"])
+def test_budget_in_served_bytes_sizes_rows_at_the_intn_row_cost(method, precision: str) -> None:
+    from embtab.budget import solve_budget
+    from embtab.config import SparseOptimizer
+
+    features = (FeatureSpec("user", 20_000), FeatureSpec("item", 5_000), FeatureSpec("genre", 19))
+    spec, optimizer, budget = EmbeddingSpec(features, dim=16), SparseOptimizer("rowwise_adagrad"), 100_000
+    fit = solve_budget(spec, budget, optimizer, method=method, served_precision=precision)
+    served = export(EmbeddingTables(fit.spec), precision)
+    assert fit.bytes == served_bytes(served) <= budget and fit.fill >= 0.9
+    fp32 = solve_budget(spec, budget, optimizer, method=method)  # training bytes: 68 B per fp32 row
+
+    def rows(solved: EmbeddingSpec) -> int:
+        return sum(t.rows for t in EmbeddingTables(solved).physical_tables.values())
+
+    gain = 68 / ROW_BYTES[precision]
+    assert 0.85 * gain < rows(fit.spec) / rows(fp32.spec) < 1.15 * gain
+    with pytest.raises(ValueError, match="budget: export precision 'int3'"):
+        solve_budget(spec, budget, optimizer, method=method, served_precision="int3")

@@ -333,3 +333,14 @@ def test_fp16_tables_of_any_method_train(method: str) -> None:
     (dmp(random_kjt(features(True), 16, seed=0)) ** 2).sum().backward()
     assert all(w.dtype == torch.float16 for w in weights.values())
     assert all((weights[k] != before[k]).any() for k in weights)
+
+
+def test_reach_sets_the_step_of_every_bit_width() -> None:
+    for bits in (8, 4, 2):
+        settings = LowPrecision(qat="lpt", bits=bits, reach=4.0, table_steps={"user": 0.5})
+        assert settings.step_of("item") == 4.0 / 2 ** (bits - 1) and settings.step_of("user") == 0.5
+    assert LowPrecision(qat="lpt").step_of("item") is None
+    with pytest.raises(ValueError, match="both step \\(0.1\\) and reach \\(4.0\\)"):
+        LowPrecision(qat="lpt", step=0.1, reach=4.0)
+    with pytest.raises(ValueError, match="step of 'reach' must be > 0"):
+        LowPrecision(reach=-1.0)

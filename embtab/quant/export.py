@@ -26,10 +26,10 @@ from torchrec.quant.embedding_modules import EmbeddingCollection as QuantEmbeddi
 from torchrec.quant.embedding_modules import quant_prep_customize_row_alignment
 
 from embtab.collection import EmbeddingTables
+from embtab.quant.precision import ROW_ALIGNMENT, SERVED_PRECISIONS, check_served_precision
 from embtab.quant.spec import LowPrecision
 
-EXPORT_PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8", "int4", "int2")
-ROW_ALIGNMENT = 4
+EXPORT_PRECISIONS: tuple[str, ...] = SERVED_PRECISIONS
 _DTYPES = {
     "fp32": torch.float,
     "fp16": torch.half,
@@ -38,11 +38,6 @@ _DTYPES = {
     "int2": torch.quint2x4,
 }
 BITS = {"int8": 8, "int4": 4, "int2": 2}
-
-
-def check_export_precision(precision: str, where: str) -> None:
-    if precision not in EXPORT_PRECISIONS:
-        raise ValueError(f"{where}: export precision {precision!r}; expected one of {EXPORT_PRECISIONS}")
 
 
 def embedding_tables(model: nn.Module) -> EmbeddingTables:
@@ -75,7 +70,7 @@ def precisions_of(
         name: overrides.get(name, overrides.get(owners[name], precision)) for name in tables.physical_tables
     }
     for name, value in out.items():
-        check_export_precision(value, f"table {name!r}")
+        check_served_precision(value, f"table {name!r}")
     return out
 
 
@@ -111,7 +106,7 @@ def quantize_in_place(tables: EmbeddingTables, precisions: Mapping[str, str]) ->
     """Swap `tables`' collections for torchrec's quantized ones: each physical table at its
     precision in `precisions`, rows aligned to 4 bytes."""
     for name, value in precisions.items():
-        check_export_precision(value, f"table {name!r}")
+        check_served_precision(value, f"table {name!r}")
     quant_prep_customize_row_alignment(
         tables, [torchrec.EmbeddingBagCollection, torchrec.EmbeddingCollection], ROW_ALIGNMENT
     )

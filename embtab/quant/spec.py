@@ -7,6 +7,7 @@ from dataclasses import dataclass
 FP16_ROUNDINGS: tuple[str, ...] = ("stochastic", "nearest")
 QAT_SCHEMES: tuple[str, ...] = ("lpt", "alpt")
 QAT_BITS: tuple[int, ...] = (8, 4, 2)
+DEFAULT_QAT = "alpt"  # the scheme a model served at int8/int4/int2 trains with unless told (a learned step per row)
 
 
 @dataclass(frozen=True)
@@ -23,8 +24,11 @@ class LowPrecision:
             (Li et al., AAAI 2023: a learnable step per row, trained by its own Adam).
         bits: integer width of the quantized weights (8, 4 or 2); signed grid
             ``-2^(bits-1) .. 2^(bits-1) - 1`` times the step.
-        step: LPT's step, ALPT's initial step; None: the table's init bound / 2^(bits-2), a grid
-            reaching twice the initialization range.
+        step: LPT's step, ALPT's initial step; None: from `reach`, else the table's init bound /
+            2^(bits-2), a grid reaching twice the initialization range (enough for small learning
+            rates only: row-wise Adagrad at lr 0.5 moves weights to |w| ~ 3-6 within an epoch).
+        reach: the largest |w| the grid holds, for any bit width: step = reach / 2^(bits-1) (set
+            it, or `step`, not both; e.g. from a trained fp32 model's weights).
         table_steps: per-logical-table overrides of `step` as ``((table_name, step), ...)``.
         step_lr: learning rate of ALPT's step optimizer (Adam on the touched rows' steps).
         tables: logical tables trained quantized (empty: every table).
@@ -37,6 +41,7 @@ class LowPrecision:
     step_lr: float = 2e-5
     tables: tuple[str, ...] = ()
     table_steps: tuple[tuple[str, float], ...] = ()
+    reach: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tables", tuple(self.tables))
@@ -53,9 +58,13 @@ class LowPrecision:
                 f"low_precision.bits is {self.bits!r}; expected one of {QAT_BITS} (the widths "
                 "fbgemm's IntN inference kernels serve)"
             )
-        for name, step in (("step", self.step), *self.table_steps):
+        for name, step in (("step", self.step), ("reach", self.reach), *self.table_steps):
             if step is not None and not step > 0:
                 raise ValueError(f"low_precision step of {name!r} must be > 0, got {step}")
+        if self.step is not None and self.reach is not None:
+            raise ValueError(
+                f"low_precision sets both step ({self.step}) and reach ({self.reach}); expected one of them"
+            )
         if not self.step_lr > 0:
             raise ValueError(f"low_precision.step_lr must be > 0, got {self.step_lr}")
 
@@ -70,7 +79,10 @@ class LowPrecision:
 
     def step_of(self, table: str) -> float | None:
         """The configured step of logical table `table` (None: the default rule)."""
-        return dict(self.table_steps).get(table, self.step)
+        step = dict(self.table_steps).get(table, self.step)
+        if step is None and self.reach is not None:
+            return self.reach / 2 ** (self.bits - 1)
+        return step
 
     @property
     def qmin(self) -> int:
