@@ -29,7 +29,6 @@ from torchrec.distributed.model_parallel import DataParallelWrapper, DefaultData
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
 from torchrec.distributed.types import ShardingEnv, ShardingPlan, ShardingType
-from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
@@ -39,14 +38,6 @@ from embtab.fused_state import bind_after_fusing
 from embtab.quiet import quiet_torchrec as quiet_torchrec  # re-exported
 from embtab.fused_state import physical_weights as physical_weights  # re-exported: its old home
 from embtab.quant.training import attach as attach_low_precision
-
-_OPTIMIZER_CLASSES = {
-    "sgd": torch.optim.SGD,
-    "adagrad": torch.optim.Adagrad,
-    "rowwise_adagrad": RowWiseAdagrad,
-    "adam": torch.optim.Adam,
-}
-
 
 DENSE_RESERVATION = 0.15  # share of each rank's memory the planner leaves to the dense model
 
@@ -101,15 +92,6 @@ def embedding_tables_of(model: nn.Module) -> list[EmbeddingTables]:
     if not tables:
         raise ValueError(f"{type(model).__name__} contains no embtab.EmbeddingTables to fuse")
     return tables
-
-
-def _optimizer_kwargs(optimizer: SparseOptimizer) -> dict[str, float]:
-    kwargs = {"lr": optimizer.lr}
-    if optimizer.kind != "sgd":
-        kwargs["eps"] = optimizer.eps
-    if optimizer.weight_decay:
-        kwargs["weight_decay"] = optimizer.weight_decay
-    return kwargs
 
 
 def single_process_group() -> dist.ProcessGroup:
@@ -316,7 +298,7 @@ def _fuse(
     plan: ShardingPlan | None,
 ) -> DistributedModelParallel:
     optimizer.check_device(device.type)
-    optimizer_class, kwargs = _OPTIMIZER_CLASSES[optimizer.kind], _optimizer_kwargs(optimizer)
+    optimizer_class, kwargs = optimizer.description.torch_class, optimizer.torch_kwargs()
     group = process_group or single_process_group()
     for tables in embedding_tables_of(model):
         tables.sparse_optimizer = optimizer

@@ -13,7 +13,8 @@ from embtab.offload.attach import Offload, attach
 from embtab.offload.cache import CacheStats, RowCache
 from embtab.offload.policy import POLICIES
 from embtab.offload.prefetch import Prefetcher
-from embtab.offload.store import MmapStore, RamStore, RowStore, state_width_of
+from embtab.offload.store import MmapStore, RamStore, RowStore
+from embtab.optimizers import state_width_of
 
 __all__ = [
     "POLICIES",

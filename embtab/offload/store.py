@@ -362,11 +362,6 @@ def _drop_page_cache(fd: int) -> None:
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
-def state_width_of(optimizer_kind: str | None, dim: int) -> int:
-    """Optimizer floats per row fbgemm keeps for `optimizer_kind` (None: no optimizer state)."""
-    return {None: 0, "sgd": 0, "rowwise_adagrad": 1, "adagrad": dim}[optimizer_kind]
-
-
 def initial_rows(first: int, rows: int, dim: int, seed: int) -> torch.Tensor:
     """Rows ``first .. first + INIT_CHUNK_ROWS`` (or to the end) of a fresh ``rows x dim`` table:
     U(-sqrt(1/rows), sqrt(1/rows)), seeded per chunk so RAM and file stores start identical."""
