@@ -37,7 +37,7 @@ from embtab.search.sparse import csr_bytes, csr_charge, csr_export, csr_paramete
 from embtab.shard import embedding_tables_of, physical_weights
 from experiments.common import parser, write_json
 from experiments.ctr import SECTIONS, load_config, train_config
-from experiments.engine import TrainConfig, Trainer
+from experiments.trainer import TrainConfig, Trainer
 from models import build_model
 
 METHOD_NAMES = ("full", "optembed", "pep", "mde", "dnis")

@@ -77,6 +77,11 @@ class OffloadedMethod(TableMethod):
         self.cache: RowCache | None = None
         self.offset = 0
 
+    def bind_cache(self, cache: "RowCache", offset: int) -> None:
+        """Bind the table to its cache (`embtab.offload.attach` calls it once the stores are
+        known): ids read rows ``offset + id`` of the cache's row space."""
+        self.cache, self.offset = cache, offset
+
     def remap(self, ids: torch.Tensor) -> torch.Tensor:
         if self.cache is None:
             raise RuntimeError(
