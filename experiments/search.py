@@ -269,7 +269,7 @@ def run_pep(run: Run, budgets: list[Fraction]) -> list[dict[str, Any]]:
             margins = {n: m.margins(*_physical_args(m, weights)) for n, m in tables.methods.items()}
         try:
             ex.set_shift(tables, csr_shift(margins, target))
-        except ValueError as error:
+        except BudgetError as error:
             cells.append({"method": "pep", "budget": str(budget), "unreachable": str(error)})
             continue
         plans = ex.plans(tables, weights)
@@ -329,7 +329,7 @@ def run_dnis(run: Run, budgets: list[Fraction]) -> list[dict[str, Any]]:
         if budget is not None:
             try:
                 shift = ex.fit_shift(ex.table_scores(tables, weights), *ex.budget_target(run.solved(DNIS(), budget)))
-            except ValueError as error:
+            except BudgetError as error:
                 cells.append({"method": "dnis", "budget": str(budget), "unreachable": str(error)})
                 continue
         ex.set_shift(tables, shift)
