@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Literal, Mapping
 
+from embtab.checks import check_integer
 from embtab.optimizers import CPU_KINDS, OptimizerKind, optimizer_kind
 from embtab.quant.precision import check_precision
 from embtab.quant.spec import LowPrecision
@@ -134,8 +135,7 @@ class EmbeddingSpec:
         object.__setattr__(self, "table_methods", tuple(self.table_methods))
         if self.method is None:
             object.__setattr__(self, "method", method_class(DEFAULT_METHOD)())
-        if not isinstance(self.dim, int) or isinstance(self.dim, bool) or self.dim < 1:
-            raise ValueError(f"EmbeddingSpec.dim must be an integer >= 1, got {self.dim!r}")
+        check_integer(self.dim, 1, "EmbeddingSpec.dim")
         object.__setattr__(self, "table_precisions", tuple(self.table_precisions))
         self._check_features()
         for table_name, precision in (("every table", self.precision), *self.table_precisions):

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from embtab.checks import check_integer
 from embtab.config import LogicalTable, MethodSpec
 from embtab.methods.base import PhysicalTable, TableMethod
 from embtab.registry import MethodKind, register_method
@@ -52,9 +53,7 @@ class Offloaded(MethodSpec):
     cache: str = "offload_cache"
 
     def build(self, table: LogicalTable) -> "OffloadedMethod":
-        rows = self.cache_rows
-        if not isinstance(rows, int) or isinstance(rows, bool) or rows < 1:
-            raise ValueError(f"table {table.name!r} (offloaded): cache_rows must be an integer >= 1, got {rows!r}")
+        check_integer(self.cache_rows, 1, f"table {table.name!r} (offloaded): cache_rows")
         if self.policy not in POLICIES:
             raise ValueError(
                 f"table {table.name!r} (offloaded): unknown eviction policy {self.policy!r}; "

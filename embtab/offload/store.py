@@ -29,6 +29,7 @@ from typing import Sequence
 
 import torch
 
+from embtab.checks import is_integer
 from embtab.files import atomic_write
 
 MAGIC = b"EMBTAB-ROW-STORE"
@@ -177,7 +178,7 @@ class MmapStore(RowStore):
         """
         path = Path(path)
         for name, value in (("rows", rows), ("dim", dim), ("state_width", state_width)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "state_width" else 1):
+            if not is_integer(value) or value < (0 if name == "state_width" else 1):
                 raise ValueError(f"store file {str(path)!r}: {name} = {value!r}, expected a positive integer")
         if path.exists() and not overwrite:
             raise FileExistsError(
