@@ -31,6 +31,7 @@ import embtab
 from data import CTRDataset, DatasetSplits, load_dataset, make_dataloader
 from embtab.budget import BudgetError, full_table_bytes, full_table_parameters, solve_budget, spec_cost
 from embtab.methods import DNIS, MDE, PEP, OptEmbed
+from embtab.methods.pep import PEPMethod
 from embtab.search import EvolutionConfig, evolve
 from embtab.search import export as ex
 from embtab.search.sparse import csr_bytes, csr_charge, csr_export, csr_parameters, csr_shift
@@ -247,7 +248,7 @@ def run_pep(run: Run, budgets: list[Fraction]) -> list[dict[str, Any]]:
     weights = physical_weights(trainer.model)
     tables = embedding_tables_of(trainer.model)[0]
     s_moved = {n: float((m.s.detach() - run.search.get("init_threshold", PEP.init_threshold)).abs().max())
-               for n, m in tables.methods.items() if hasattr(m, "s")}  # type: ignore[union-attr,operator]
+               for n, m in tables.methods.items() if isinstance(m, PEPMethod) and m.s is not None}
     common = {
         "search_s": search_s,
         "search_epochs": len(trainer.state.history),
