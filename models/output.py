@@ -8,18 +8,17 @@ Called plainly, a model returns only the logits, so it still drops in where torc
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import Literal, overload
+from typing import Literal, NamedTuple, overload
 
 import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
 
-@dataclass(frozen=True)
-class ModelOutput:
+class ModelOutput(NamedTuple):
     """A forward's result. `aux_loss`: a term the model adds to the data loss (e.g. DIN's
-    mini-batch aware L2), None when it adds none."""
+    mini-batch aware L2), None when it adds none. A named tuple, so that data-parallel wrappers
+    (DDP flattens a forward's output with torch's pytree) see its tensors."""
 
     logits: torch.Tensor
     aux_loss: torch.Tensor | None = None
