@@ -395,13 +395,13 @@ def gathered(tensors: dict[str, torch.Tensor], group: dist.ProcessGroup) -> dict
 
     A collective: every rank calls it, each with the tensors it has (a rank may lack a key)."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    every_rank: list[Pieces | None] = [None] * world if rank == 0 else None  # type: ignore[assignment]
+    every_rank: list[Pieces] | None = [{}] * world if rank == 0 else None  # filled on rank 0 only
     dist.gather_object(_local_pieces(tensors), every_rank, dst=dist.get_global_rank(group, 0), group=group)
-    if rank != 0:
+    if every_rank is None:
         return None
     whole: dict[str, torch.Tensor] = {}
     for pieces in every_rank:
-        for key, (size, parts) in pieces.items():  # type: ignore[union-attr]
+        for key, (size, parts) in pieces.items():
             for offsets, part in parts:
                 target = whole.setdefault(key, torch.empty(size, dtype=part.dtype))
                 target[tuple(slice(o, o + n) for o, n in zip(offsets, part.shape))] = part
