@@ -19,6 +19,23 @@ from typing import Any, Literal, Union
 _SIMPLE = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 
+def is_integer(value: object) -> bool:
+    """Whether `value` is an int (a bool, though an int subclass, is not)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_integer(value: object, minimum: int, what: str) -> int:
+    """`value` as an int >= `minimum`; else a ValueError ``"{what} must be an integer >= ..., got ..."``."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= minimum:
+        return value
+    raise ValueError(f"{what} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_int(table: str, field: str, value: object, minimum: int) -> int:
+    """A method parameter `field` of `table` as an int >= `minimum` (the message names both)."""
+    return check_integer(value, minimum, f"table {table!r}: {field}")
+
+
 def is_instance(value: Any, kind: Any) -> bool:
     """Whether `value` is a valid value of the annotation `kind` (bool is not an int, an int is
     a float; tuples also accept lists; unknown annotations accept anything)."""
@@ -30,7 +47,7 @@ def is_instance(value: Any, kind: Any) -> bool:
     if kind is bool:
         return isinstance(value, bool)
     if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return is_integer(value)
     if kind is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if kind is str:

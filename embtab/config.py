@@ -20,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Literal, Mapping
 
+from embtab.checks import check_integer
+from embtab.optimizers import CPU_KINDS, OptimizerKind, optimizer_kind
 from embtab.quant.precision import check_precision
 from embtab.quant.spec import LowPrecision
 from embtab.registry import method_class, method_from_dict
@@ -133,8 +135,7 @@ class EmbeddingSpec:
         object.__setattr__(self, "table_methods", tuple(self.table_methods))
         if self.method is None:
             object.__setattr__(self, "method", method_class(DEFAULT_METHOD)())
-        if not isinstance(self.dim, int) or isinstance(self.dim, bool) or self.dim < 1:
-            raise ValueError(f"EmbeddingSpec.dim must be an integer >= 1, got {self.dim!r}")
+        check_integer(self.dim, 1, "EmbeddingSpec.dim")
         object.__setattr__(self, "table_precisions", tuple(self.table_precisions))
         self._check_features()
         for table_name, precision in (("every table", self.precision), *self.table_precisions):
@@ -222,16 +223,12 @@ class EmbeddingSpec:
         )
 
 
-SPARSE_OPTIMIZERS: tuple[str, ...] = ("sgd", "adagrad", "rowwise_adagrad", "adam")
-CPU_SPARSE_OPTIMIZERS: tuple[str, ...] = ("sgd", "adagrad", "rowwise_adagrad")
-
-
 @dataclass(frozen=True)
 class SparseOptimizer:
-    """The optimizer fbgemm fuses into the embedding lookup's backward pass.
+    """The optimizer fbgemm fuses into the embedding lookup's backward pass, with its settings.
 
-    fbgemm's CPU build runs exact SGD, exact Adagrad and exact row-wise Adagrad; Adam needs CUDA.
-    Row-wise Adagrad keeps one float of state per row, Adagrad one per element, SGD none.
+    What each kind is (its class, state layout, CPU support) is described once, in
+    `embtab.optimizers.OPTIMIZER_KINDS`.
     """
 
     kind: str = "rowwise_adagrad"
@@ -240,21 +237,30 @@ class SparseOptimizer:
     weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.kind not in SPARSE_OPTIMIZERS:
-            raise ValueError(
-                f"sparse optimizer {self.kind!r} is not fused by fbgemm; expected one of {SPARSE_OPTIMIZERS}"
-            )
+        optimizer_kind(self.kind)
         if self.lr <= 0:
             raise ValueError(f"sparse optimizer lr must be > 0, got {self.lr}")
 
+    @property
+    def description(self) -> OptimizerKind:
+        return optimizer_kind(self.kind)
+
     def state_bytes(self, rows: int, dim: int) -> int:
         """Bytes of optimizer state fbgemm allocates for a `rows` x `dim` float32 table."""
-        floats_per_row = {"sgd": 0, "rowwise_adagrad": 1, "adagrad": dim, "adam": 2 * dim}[self.kind]
-        return rows * floats_per_row * 4
+        return self.description.state_bytes(rows, dim)
+
+    def torch_kwargs(self) -> dict[str, float]:
+        """The settings as keyword arguments of the kind's optimizer class."""
+        kwargs = {"lr": self.lr}
+        if self.description.takes_eps:
+            kwargs["eps"] = self.eps
+        if self.weight_decay:
+            kwargs["weight_decay"] = self.weight_decay
+        return kwargs
 
     def check_device(self, device_type: str) -> None:
-        if device_type == "cpu" and self.kind not in CPU_SPARSE_OPTIMIZERS:
+        if device_type == "cpu" and not self.description.fused_on_cpu:
             raise ValueError(
                 f"sparse optimizer {self.kind!r} runs only on CUDA in fbgemm (its CPU build fuses "
-                f"{CPU_SPARSE_OPTIMIZERS}); choose one of those on CPU, or train on a GPU"
+                f"{CPU_KINDS}); choose one of those on CPU, or train on a GPU"
             )

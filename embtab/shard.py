@@ -29,7 +29,6 @@ from torchrec.distributed.model_parallel import DataParallelWrapper, DefaultData
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
 from torchrec.distributed.types import ShardingEnv, ShardingPlan, ShardingType
-from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
@@ -39,14 +38,6 @@ from embtab.fused_state import bind_after_fusing
 from embtab.quiet import quiet_torchrec as quiet_torchrec  # re-exported
 from embtab.fused_state import physical_weights as physical_weights  # re-exported: its old home
 from embtab.quant.training import attach as attach_low_precision
-
-_OPTIMIZER_CLASSES = {
-    "sgd": torch.optim.SGD,
-    "adagrad": torch.optim.Adagrad,
-    "rowwise_adagrad": RowWiseAdagrad,
-    "adam": torch.optim.Adam,
-}
-
 
 DENSE_RESERVATION = 0.15  # share of each rank's memory the planner leaves to the dense model
 
@@ -101,15 +92,6 @@ def embedding_tables_of(model: nn.Module) -> list[EmbeddingTables]:
     if not tables:
         raise ValueError(f"{type(model).__name__} contains no embtab.EmbeddingTables to fuse")
     return tables
-
-
-def _optimizer_kwargs(optimizer: SparseOptimizer) -> dict[str, float]:
-    kwargs = {"lr": optimizer.lr}
-    if optimizer.kind != "sgd":
-        kwargs["eps"] = optimizer.eps
-    if optimizer.weight_decay:
-        kwargs["weight_decay"] = optimizer.weight_decay
-    return kwargs
 
 
 def single_process_group() -> dist.ProcessGroup:
@@ -316,7 +298,7 @@ def _fuse(
     plan: ShardingPlan | None,
 ) -> DistributedModelParallel:
     optimizer.check_device(device.type)
-    optimizer_class, kwargs = _OPTIMIZER_CLASSES[optimizer.kind], _optimizer_kwargs(optimizer)
+    optimizer_class, kwargs = optimizer.description.torch_class, optimizer.torch_kwargs()
     group = process_group or single_process_group()
     for tables in embedding_tables_of(model):
         tables.sparse_optimizer = optimizer
@@ -413,13 +395,13 @@ def gathered(tensors: dict[str, torch.Tensor], group: dist.ProcessGroup) -> dict
 
     A collective: every rank calls it, each with the tensors it has (a rank may lack a key)."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    every_rank: list[Pieces | None] = [None] * world if rank == 0 else None  # type: ignore[assignment]
+    every_rank: list[Pieces] | None = [{}] * world if rank == 0 else None  # filled on rank 0 only
     dist.gather_object(_local_pieces(tensors), every_rank, dst=dist.get_global_rank(group, 0), group=group)
-    if rank != 0:
+    if every_rank is None:
         return None
     whole: dict[str, torch.Tensor] = {}
     for pieces in every_rank:
-        for key, (size, parts) in pieces.items():  # type: ignore[union-attr]
+        for key, (size, parts) in pieces.items():
             for offsets, part in parts:
                 target = whole.setdefault(key, torch.empty(size, dtype=part.dtype))
                 target[tuple(slice(o, o + n) for o, n in zip(offsets, part.shape))] = part

@@ -40,7 +40,6 @@ import re
 import resource
 import statistics
 import tempfile
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -57,6 +56,7 @@ from embtab.methods.offloaded import Offloaded
 from embtab.offload import MmapStore, Prefetcher, RamStore, attach, state_width_of
 from embtab.testing import rss_bytes
 from experiments.common import parser, write_json
+from experiments.timing import time_steps
 
 GOAL = {"trace": "zipf1.05", "cache": 0.1, "ratio_to_in_memory": 0.7}
 STALL_SECONDS = 1e-3
@@ -202,10 +202,10 @@ def run_cell(
                 order = ("ref", "off") if r % 2 == 0 else ("off", "ref")
                 for who in order:
                     if who == "ref" and reference is not None:
-                        ref_times.append(_timed(lambda: [reference.step(k) for k in chunk]))
+                        ref_times.append(time_steps(reference.step, chunk, collect_garbage=False))
                     elif who == "off":
                         first = len(batches.waits)
-                        off_times.append(_timed(lambda: [trainer.step(next(batches)) for _ in chunk]))
+                        off_times.append(time_steps(lambda _: trainer.step(next(batches)), chunk, collect_garbage=False))
                         waits.extend(batches.waits[first:])
                         split = [max(pair) for pair in zip(split, _rss_split())]
     except ValueError as error:
@@ -237,12 +237,6 @@ def run_cell(
         cell["in_memory_samples_per_s"] = batch * steps / statistics.median(ref_times)
         cell["ratio_to_in_memory"] = statistics.median(r / o for r, o in zip(ref_times, off_times))
     return cell
-
-
-def _timed(work) -> float:
-    start = time.perf_counter()
-    work()
-    return time.perf_counter() - start
 
 
 def traces(args: Any) -> list[Trace]:

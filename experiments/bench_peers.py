@@ -28,7 +28,6 @@ import argparse
 import importlib.util
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -42,6 +41,7 @@ from data import CTRDataset, load_dataset
 from data.batch import Batch
 from data.loader import make_dataloader
 from experiments.common import parser, write_json
+from experiments.timing import time_steps
 from experiments.ctr import load_config, model_from_config, train_config
 
 CONFIG = "experiments/configs/din_movielens.toml"
@@ -141,10 +141,7 @@ def batches_of(ds: CTRDataset, batch_size: int, seed: int, epoch: int, shuffle: 
 def train_epoch(model: nn.Module, step: Step, batches: list) -> float:
     """Seconds of the training loop over `batches` (each an ``(inputs, labels)`` pair)."""
     model.train()
-    start = time.perf_counter()
-    for inputs, labels in batches:
-        step(inputs, labels)
-    return time.perf_counter() - start
+    return time_steps(lambda batch: step(*batch), batches, collect_garbage=False)
 
 
 @torch.no_grad()

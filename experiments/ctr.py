@@ -44,7 +44,7 @@ from embtab.quant.precision import check_served_precision
 from embtab.files import FolderBusyError
 from embtab.shard import ShardingConstraints
 from experiments.common import is_writer, join_torchrun, parser, write_json
-from experiments.engine import TrainConfig, Trainer
+from experiments.trainer import TrainConfig, Trainer
 from models import MODELS, build_model
 
 DEFAULTS: dict[str, dict[str, Any]] = {

@@ -253,7 +253,7 @@ def _planted(tmp: Path) -> str:
 @case("checkpoint", "a second run on a folder in use")
 def _second_run(tmp: Path) -> str:
     from experiments.ctr import model_from_config, train_config
-    from experiments.engine import Trainer
+    from experiments.trainer import Trainer
     from data import load_dataset
 
     data = dict(TINY["data"])
@@ -561,7 +561,7 @@ def _eval_cache(tmp: Path) -> str:
     import embtab
     from data import make_synthetic
     from embtab.methods.offloaded import Offloaded
-    from experiments.engine import TrainConfig, Trainer
+    from experiments.trainer import TrainConfig, Trainer
     from models import DLRM
 
     splits = make_synthetic(num_samples=3000, num_fields=3, cardinalities=400, dense_dim=2, seed=1)

@@ -35,7 +35,7 @@ from data import load_dataset, make_dataloader
 from embtab.quant.export import export, served_bytes, trained_weights
 from experiments.common import parser, write_json
 from experiments.ctr import load_config, model_from_config, set_dotted, train_config
-from experiments.engine import Trainer
+from experiments.trainer import Trainer
 
 PTQ_PRECISIONS = ("fp16", "int8", "int4", "int2")
 

@@ -31,13 +31,14 @@ import embtab
 from data import CTRDataset, DatasetSplits, load_dataset, make_dataloader
 from embtab.budget import BudgetError, full_table_bytes, full_table_parameters, solve_budget, spec_cost
 from embtab.methods import DNIS, MDE, PEP, OptEmbed
+from embtab.methods.pep import PEPMethod
 from embtab.search import EvolutionConfig, evolve
 from embtab.search import export as ex
 from embtab.search.sparse import csr_bytes, csr_charge, csr_export, csr_parameters, csr_shift
 from embtab.shard import embedding_tables_of, physical_weights
 from experiments.common import parser, write_json
 from experiments.ctr import SECTIONS, load_config, train_config
-from experiments.engine import TrainConfig, Trainer
+from experiments.trainer import TrainConfig, Trainer
 from models import build_model
 
 METHOD_NAMES = ("full", "optembed", "pep", "mde", "dnis")
@@ -247,7 +248,7 @@ def run_pep(run: Run, budgets: list[Fraction]) -> list[dict[str, Any]]:
     weights = physical_weights(trainer.model)
     tables = embedding_tables_of(trainer.model)[0]
     s_moved = {n: float((m.s.detach() - run.search.get("init_threshold", PEP.init_threshold)).abs().max())
-               for n, m in tables.methods.items() if hasattr(m, "s")}  # type: ignore[union-attr,operator]
+               for n, m in tables.methods.items() if isinstance(m, PEPMethod) and m.s is not None}
     common = {
         "search_s": search_s,
         "search_epochs": len(trainer.state.history),
@@ -269,7 +270,7 @@ def run_pep(run: Run, budgets: list[Fraction]) -> list[dict[str, Any]]:
             margins = {n: m.margins(*_physical_args(m, weights)) for n, m in tables.methods.items()}
         try:
             ex.set_shift(tables, csr_shift(margins, target))
-        except ValueError as error:
+        except BudgetError as error:
             cells.append({"method": "pep", "budget": str(budget), "unreachable": str(error)})
             continue
         plans = ex.plans(tables, weights)
@@ -329,7 +330,7 @@ def run_dnis(run: Run, budgets: list[Fraction]) -> list[dict[str, Any]]:
         if budget is not None:
             try:
                 shift = ex.fit_shift(ex.table_scores(tables, weights), *ex.budget_target(run.solved(DNIS(), budget)))
-            except ValueError as error:
+            except BudgetError as error:
                 cells.append({"method": "dnis", "budget": str(budget), "unreachable": str(error)})
                 continue
         ex.set_shift(tables, shift)

@@ -55,7 +55,7 @@ from embtab.files import atomic_write_text
 from embtab.budget import BudgetError
 from experiments.common import is_writer, join_torchrun, parser
 from experiments.ctr import SECTIONS, load_config, run
-from experiments.engine import BEST, CHECKPOINT
+from experiments.trainer import BEST, CHECKPOINT
 
 DEFAULT_BUDGETS = ("1", "1/2", "1/4", "1/16", "1/64", "1/256")
 LEARNED = ("optembed", "pep", "dnis")

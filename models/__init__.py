@@ -2,7 +2,8 @@
 and their layers.
 
 Every model takes an `embtab.EmbeddingTables` (built by the caller) and maps
-``(sparse: KeyedJaggedTensor, dense: Tensor [B, n_dense])`` to logits ``[B]``.
+``(sparse: KeyedJaggedTensor, dense: Tensor [B, n_dense])`` to logits ``[B]``; with
+``with_aux_loss=True`` to a `ModelOutput` (logits and any auxiliary loss, see `models.output`).
 
 Example::
 
@@ -13,16 +14,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
-
 from embtab import EmbeddingTables
 from models.din import DIN, BehaviourModel, EmbeddingMLP
 from models.dlrm import DLRM
 from models.layers import MLP, AttentionUnit, Dice
+from models.output import CTRModel, ModelOutput
 from models.regularization import MiniBatchAwareL2
 from models.torchrec_models import TorchrecDLRM
 
-MODELS: dict[str, type[nn.Module]] = {
+MODELS: dict[str, type[CTRModel]] = {
     "din": DIN,
     "embedding_mlp": EmbeddingMLP,
     "dlrm": DLRM,
@@ -30,7 +30,7 @@ MODELS: dict[str, type[nn.Module]] = {
 }
 
 
-def build_model(name: str, embeddings: EmbeddingTables, **kwargs: Any) -> nn.Module:
+def build_model(name: str, embeddings: EmbeddingTables, **kwargs: Any) -> CTRModel:
     """The model registered as `name` in `MODELS`, on `embeddings`, with constructor `kwargs`."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODELS)}")
@@ -40,6 +40,7 @@ def build_model(name: str, embeddings: EmbeddingTables, **kwargs: Any) -> nn.Mod
 __all__ = [
     "AttentionUnit",
     "BehaviourModel",
+    "CTRModel",
     "DIN",
     "DLRM",
     "Dice",
@@ -47,6 +48,7 @@ __all__ = [
     "MLP",
     "MODELS",
     "MiniBatchAwareL2",
+    "ModelOutput",
     "TorchrecDLRM",
     "build_model",
 ]

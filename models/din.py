@@ -12,15 +12,15 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 import torch
-from torch import nn
 from torchrec import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 from embtab import EmbeddingTables
 from models.layers import MLP, AttentionUnit, check_dense
+from models.output import CTRModel, ModelOutput
 from models.regularization import MiniBatchAwareL2
 
 
-class BehaviourModel(nn.Module):
+class BehaviourModel(CTRModel):
     """Shared skeleton of DIN and Embedding&MLP: history features, MLP head, MBA regularization.
 
     Subclasses implement `pool_history`. History feature ``i`` pairs with query feature ``i``: it
@@ -50,33 +50,27 @@ class BehaviourModel(nn.Module):
         head_input = pooled_dim + self.history_dim + dense_dim
         self.head = MLP(head_input, mlp_hidden, activation, dropout, output_dim=1)
         self.regularizer = _regularizer(embeddings, mba_lambda, id_counts)
-        self._pending: tuple[KeyedJaggedTensor, torch.Tensor] | None = None
 
     def pool_history(self, pooled: KeyedTensor, history: JaggedTensor) -> torch.Tensor:
         """One interest vector ``[B, history_dim]`` from the history (values ``[N, history_dim]``)."""
         raise NotImplementedError
 
-    def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
-        """Logits ``[B]`` for sparse ids `sparse` and dense features `dense` ``[B, dense_dim]``."""
+    def outputs(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> ModelOutput:
+        """Logits ``[B]`` for sparse ids `sparse` and dense features `dense` ``[B, dense_dim]``, and
+        in training the mini-batch aware L2 term of the batch (from this forward's lookup, so its
+        gradient reaches the tables through the same fused backward)."""
         check_dense(dense, self.dense_dim)
         out = self.embeddings(sparse)
         interest = self.pool_history(out.pooled, self._history(out.sequence))
-        if self.regularizer is not None and self.training:
-            self._pending = (sparse, self.regularizer(sparse, out))
-        return self.head(torch.cat([out.pooled.values(), interest, dense], dim=1)).squeeze(-1)
+        logits = self.head(torch.cat([out.pooled.values(), interest, dense], dim=1)).squeeze(-1)
+        aux_loss = self.regularizer(sparse, out) if self.regularizer is not None and self.training else None
+        return ModelOutput(logits, aux_loss)
 
     def regularization(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
-        """The mini-batch aware L2 term of batch `sparse` (0 when ``mba_lambda`` is 0).
-
-        Called right after a training `forward` on the same `sparse` object it returns the term
-        computed from that forward's lookup, so its gradient reaches the tables through the same
-        fused backward. Otherwise it looks `sparse` up again.
-        """
+        """The mini-batch aware L2 term of batch `sparse` on its own lookup (0 when ``mba_lambda``
+        is 0); training gets it from ``model(sparse, dense, with_aux_loss=True).aux_loss``."""
         if self.regularizer is None:
             return self.head.layers[0].weight.new_zeros(())
-        pending, self._pending = self._pending, None
-        if pending is not None and pending[0] is sparse:
-            return pending[1]
         return self.regularizer(sparse, self.embeddings(sparse))
 
     def _history(self, sequence: dict[str, JaggedTensor]) -> JaggedTensor:
@@ -118,7 +112,7 @@ class DIN(BehaviourModel):
         dropout: after every hidden layer of the head.
         dense_dim: number of dense features (columns of ``dense``).
         mba_lambda, id_counts: mini-batch aware L2 (`MiniBatchAwareL2`) on the tables named in
-            `id_counts`; fetch it with `regularization` after each training forward.
+            `id_counts`; a training forward returns it as its auxiliary loss.
 
     Example::
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from torch import nn
 from torchrec import KeyedJaggedTensor
 
 from embtab import EmbeddingTables
 from models.layers import MLP, check_dense
+from models.output import CTRModel, ModelOutput
 
 
-class DLRM(nn.Module):
+class DLRM(CTRModel):
     """Deep Learning Recommendation Model for data with dense features (Criteo-like).
 
     A bottom MLP maps the dense features to the embedding width; the dot products of every pair of
@@ -64,7 +64,7 @@ class DLRM(nn.Module):
         top_input = left.numel() + (self.dim if dense_dim else 0)
         self.top = MLP(top_input, top_hidden, "relu", dropout, output_dim=1)
 
-    def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
+    def outputs(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> ModelOutput:
         """Logits ``[B]`` for sparse ids `sparse` and dense features `dense` ``[B, dense_dim]``."""
         check_dense(dense, self.dense_dim)
         out = self.embeddings(sparse)
@@ -77,7 +77,7 @@ class DLRM(nn.Module):
         bottom = [self.bottom(dense)] if self.bottom is not None else []
         stacked = torch.cat([b.unsqueeze(1) for b in bottom] + vectors, dim=1)
         interactions = self.interact(stacked)
-        return self.top(torch.cat(bottom + [interactions], dim=1)).squeeze(-1)
+        return ModelOutput(self.top(torch.cat(bottom + [interactions], dim=1)).squeeze(-1))
 
     def interact(self, vectors: torch.Tensor) -> torch.Tensor:
         """Dot products of every pair ``i < j`` of `vectors` ``[B, F, D]``: ``[B, F * (F - 1) / 2]``."""

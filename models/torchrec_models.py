@@ -9,14 +9,14 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from torch import nn
 from torchrec import KeyedJaggedTensor
 from torchrec.models.dlrm import DLRM
 
 from embtab import CompressedEmbeddingBagCollection, EmbeddingTables
+from models.output import CTRModel, ModelOutput
 
 
-class TorchrecDLRM(nn.Module):
+class TorchrecDLRM(CTRModel):
     """torchrec's DLRM on `embeddings`: ``(sparse, dense [B, dense_dim]) -> logits [B]``.
 
     Args:
@@ -50,5 +50,5 @@ class TorchrecDLRM(nn.Module):
             over_arch_layer_sizes=[*top_hidden, 1],
         )
 
-    def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
-        return self.dlrm(dense_features=dense, sparse_features=sparse).squeeze(-1)
+    def outputs(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> ModelOutput:
+        return ModelOutput(self.dlrm(dense_features=dense, sparse_features=sparse).squeeze(-1))

@@ -90,7 +90,7 @@ def test_optembed_learned_thresholds_prune_rows_without_a_budget_shift(tmp_path)
     import embtab
     from embtab.methods import OptEmbed
     from embtab.shard import embedding_tables_of, physical_weights
-    from experiments.engine import TrainConfig, Trainer
+    from experiments.trainer import TrainConfig, Trainer
     from models import build_model
 
     splits = noise_problem()

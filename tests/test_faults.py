@@ -15,7 +15,7 @@ from embtab.files import FolderBusyError, FolderLock, atomic_write, atomic_write
 from embtab.offload import MmapStore
 from embtab.offload.store import StoreChangedError
 from experiments.ctr import run
-from experiments.engine import BEST, CHECKPOINT
+from experiments.trainer import BEST, CHECKPOINT
 
 TINY = {
     "data": {"name": "synthetic", "num_samples": 2000, "num_fields": 3, "cardinalities": 200, "dense_dim": 2},
@@ -70,7 +70,7 @@ def test_other_data_under_the_same_config_is_refused(finished, tmp_path):
     read as the same dataset name would be another file)."""
     from data import make_synthetic
     from experiments.ctr import model_from_config, train_config
-    from experiments.engine import Trainer
+    from experiments.trainer import Trainer
 
     out = copy_of(finished, tmp_path)
     splits = make_synthetic(num_samples=2000, num_fields=3, cardinalities=200, dense_dim=2, seed=5)

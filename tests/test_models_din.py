@@ -191,11 +191,10 @@ def test_mini_batch_aware_regularization_equals_direct_computation():
     expected = 0.05 * expected
     lookups = []
     tables.register_forward_hook(lambda *args: lookups.append(1))
-    model(kjt, torch.empty(16, 0))
-    after_forward = model.regularization(kjt)
-    assert len(lookups) == 1  # reuses the forward's lookup
+    after_forward = model(kjt, torch.empty(16, 0), with_aux_loss=True).aux_loss
+    assert len(lookups) == 1  # the forward's own lookup
     torch.testing.assert_close(after_forward, expected)
-    fresh = model.regularization(kjt)  # nothing pending: looks the batch up again
+    fresh = model.regularization(kjt)  # on its own: looks the batch up again
     assert len(lookups) == 2
     torch.testing.assert_close(fresh, expected)
     fresh.backward()
@@ -256,7 +255,8 @@ def test_fused_training_reduces_loss(model_name):
     for _ in range(8):
         for kjt, d, y in batches:
             dense.zero_grad()
-            loss = F.binary_cross_entropy_with_logits(dmp(kjt, d), y) + dmp.module.regularization(kjt)
+            out = dmp(kjt, d, with_aux_loss=True)
+            loss = out.loss(F.binary_cross_entropy_with_logits(out.logits, y))
             loss.backward()
             dense.step()
     after = mean_loss()

@@ -35,7 +35,7 @@ from torch import nn
 from embtab.config import LogicalTable
 from embtab.hashing import hash64, hash_to_range, salt_of
 from embtab.methods.base import SizedSpec, TableMethod
-from embtab.methods.frequency import check_int
+from embtab.checks import check_int
 from embtab.registry import MethodKind, register_method
 
 _GOLDEN_GAMMA = -0x61C8864680B583EB  # 0x9e3779b97f4a7c15 as an int64: spreads the functions' keys

@@ -41,7 +41,7 @@ from torch import nn
 
 from embtab.config import LogicalTable, MethodSpec
 from embtab.methods.base import BoundAfterFusing, PhysicalTable
-from embtab.methods.frequency import check_int
+from embtab.checks import check_int
 from embtab.registry import MethodKind, register_method
 
 if TYPE_CHECKING:

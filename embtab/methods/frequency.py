@@ -61,13 +61,6 @@ def check_hot_ids(table: str, hot_ids: Sequence[int], cardinality: int | None = 
         raise ValueError(f"table {table!r}: hot_ids has duplicates; expected distinct ids")
 
 
-def check_int(table: str, field: str, value: object, minimum: int) -> int:
-    """`value` as an int >= `minimum`, or a ValueError naming the table, the field and the value."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"table {table!r}: {field} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
 class HotIds(nn.Module):
     """The sorted hot ids of one table, where each probe's exclusive rows start, and the lookup.
 

@@ -45,6 +45,7 @@ from torchrec.modules.mc_modules import (
     MCHManagedCollisionModule,
 )
 
+from embtab.checks import check_integer, is_integer
 from embtab.collectives import gather_rows
 from embtab.config import LogicalTable, MethodSpec
 from embtab.hashing import salt_of
@@ -86,13 +87,11 @@ class ManagedCollision(SizedSpec):
         """The input hash size for `table`, after checking every parameter."""
         where = f"table {table.name!r} (managed_collision)"
         for field_name, low in (("rows", 2), ("eviction_interval", 1)):
-            value = getattr(self, field_name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{where}: {field_name} must be an integer >= {low}, got {value!r}")
+            check_integer(getattr(self, field_name), low, f"{where}: {field_name}")
         if self.eviction not in EVICTIONS:
             raise ValueError(f"{where}: eviction must be one of {EVICTIONS}, got {self.eviction!r}")
         size = table.cardinality if self.input_hash_size is None else self.input_hash_size
-        if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= MAX_INPUT_HASH_SIZE:
+        if not is_integer(size) or not 1 <= size <= MAX_INPUT_HASH_SIZE:
             raise ValueError(
                 f"{where}: input_hash_size must be an integer in [1, 2**63 - 1], got {size!r}"
             )

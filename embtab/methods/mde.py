@@ -17,6 +17,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from embtab.checks import check_int
 from embtab.config import LogicalTable, MethodSpec
 from embtab.methods.base import PhysicalTable, SizedSpec, TableMethod
 from embtab.registry import MethodKind, register_method
@@ -44,8 +45,7 @@ class MDE(SizedSpec):
     reference_rows: int = 1
 
     def build(self, table: LogicalTable) -> "MDEMethod":
-        if isinstance(self.base_dim, bool) or not isinstance(self.base_dim, int) or self.base_dim < 1:
-            raise ValueError(f"table {table.name!r}: base_dim must be an integer >= 1, got {self.base_dim!r}")
+        check_int(table.name, "base_dim", self.base_dim, 1)
         if self.alpha < 0 or self.reference_rows < 1:
             raise ValueError(
                 f"table {table.name!r}: expected alpha >= 0 and reference_rows >= 1, "

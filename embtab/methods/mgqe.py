@@ -17,7 +17,8 @@ import torch
 
 from embtab.config import LogicalTable
 from embtab.methods.dpq import DPQ, DPQMethod, code_bits
-from embtab.methods.frequency import HotIds, check_hot_ids, check_int
+from embtab.checks import check_int
+from embtab.methods.frequency import HotIds, check_hot_ids
 from embtab.registry import MethodKind, register_method
 
 

@@ -33,7 +33,8 @@ import torch
 from embtab.config import LogicalTable, MethodSpec
 from embtab.hashing import salt_of
 from embtab.methods.base import PhysicalTable, SizedSpec, TableMethod
-from embtab.methods.frequency import HotIds, check_hot_ids, check_int
+from embtab.checks import check_int
+from embtab.methods.frequency import HotIds, check_hot_ids
 from embtab.registry import MethodKind, register_method
 
 COMBINES: tuple[str, ...] = ("sum", "concat")

@@ -22,6 +22,7 @@ from typing import ClassVar, Literal, Mapping, Sequence
 
 import torch
 
+from embtab.checks import check_integer, is_integer
 from embtab.config import EmbeddingSpec, LogicalTable, MethodSpec
 from embtab.hashing import salt_of
 from embtab.methods.base import PhysicalTable, SizedSpec, TableMethod
@@ -57,13 +58,12 @@ class Multiplexed(SizedSpec):
     def shape(self, table: LogicalTable) -> tuple[int, int]:
         """``(chunks, chunk_dim)`` for `table`, after checking the parameters against its width."""
         where = f"table {table.name!r} (multiplex)"
-        if not isinstance(self.rows, int) or isinstance(self.rows, bool) or self.rows < 1:
-            raise ValueError(f"{where}: rows must be an integer >= 1, got {self.rows!r}")
+        check_integer(self.rows, 1, f"{where}: rows")
         if not self.table:
             raise ValueError(f"{where}: the shared table name must be non-empty, got {self.table!r}")
         for field_name in ("chunk_dim", "chunks"):
             value = getattr(self, field_name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            if value is not None and (not is_integer(value) or value < 1):
                 raise ValueError(f"{where}: {field_name} must be an integer >= 1 or None, got {value!r}")
         chunks, chunk_dim = self.chunks, self.chunk_dim
         if chunk_dim is None:

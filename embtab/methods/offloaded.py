@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from embtab.checks import check_integer
 from embtab.config import LogicalTable, MethodSpec
 from embtab.methods.base import PhysicalTable, TableMethod
 from embtab.registry import MethodKind, register_method
@@ -52,9 +53,7 @@ class Offloaded(MethodSpec):
     cache: str = "offload_cache"
 
     def build(self, table: LogicalTable) -> "OffloadedMethod":
-        rows = self.cache_rows
-        if not isinstance(rows, int) or isinstance(rows, bool) or rows < 1:
-            raise ValueError(f"table {table.name!r} (offloaded): cache_rows must be an integer >= 1, got {rows!r}")
+        check_integer(self.cache_rows, 1, f"table {table.name!r} (offloaded): cache_rows")
         if self.policy not in POLICIES:
             raise ValueError(
                 f"table {table.name!r} (offloaded): unknown eviction policy {self.policy!r}; "
@@ -76,6 +75,11 @@ class OffloadedMethod(TableMethod):
         self.physical_tables = (PhysicalTable(spec.cache, spec.cache_rows, table.dim),)
         self.cache: RowCache | None = None
         self.offset = 0
+
+    def bind_cache(self, cache: "RowCache", offset: int) -> None:
+        """Bind the table to its cache (`embtab.offload.attach` calls it once the stores are
+        known): ids read rows ``offset + id`` of the cache's row space."""
+        self.cache, self.offset = cache, offset
 
     def remap(self, ids: torch.Tensor) -> torch.Tensor:
         if self.cache is None:

@@ -89,6 +89,7 @@ class PEPMethod(MaskedMethod):
         init = xavier_range(table.cardinality, table.dim) if spec.init == "xavier" else None
         weights = PhysicalTable(table.name, table.cardinality, table.dim, init=init)
         self.per_id = spec.granularity in ("feature", "feature_dim")
+        self.s: nn.Parameter | None = None  # the shared thresholds; per-id ones are a physical table
         if self.per_id:
             width = 4 if spec.granularity == "feature" else table.dim
             s0 = spec.init_threshold

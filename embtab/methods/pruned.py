@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from embtab.checks import is_integer
 from embtab.config import LogicalTable, MethodSpec
 from embtab.methods.base import PhysicalTable, TableMethod
 from embtab.registry import MethodKind, register_method
@@ -63,7 +64,7 @@ class PrunedTable(MethodSpec):
         return f"{table}@pruned"
 
     def build(self, table: LogicalTable) -> "PrunedMethod":
-        if isinstance(self.kept, bool) or not isinstance(self.kept, int) or not 0 <= self.kept <= table.cardinality:
+        if not is_integer(self.kept) or not 0 <= self.kept <= table.cardinality:
             raise ValueError(
                 f"table {table.name!r}: kept must be an integer in [0, {table.cardinality}], got {self.kept!r}"
             )

@@ -36,6 +36,7 @@ from typing import ClassVar
 
 import torch
 
+from embtab.checks import check_int
 from embtab.config import LogicalTable, MethodSpec
 from embtab.methods.base import PhysicalTable, SizedSpec, TableMethod
 from embtab.registry import MethodKind, register_method
@@ -69,10 +70,7 @@ class QREmbedding(SizedSpec):
 
     def _check(self, table: LogicalTable) -> None:
         for field, value, minimum in (("collisions", self.collisions, 1), ("partitions", self.partitions, 2)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(
-                    f"table {table.name!r}: {field} must be an integer >= {minimum}, got {value!r}"
-                )
+            check_int(table.name, field, value, minimum)
         if self.operation not in OPERATIONS:
             raise ValueError(
                 f"table {table.name!r}: operation must be one of {OPERATIONS}, got {self.operation!r}"

@@ -41,7 +41,7 @@ import torch
 from embtab.config import LogicalTable
 from embtab.hashing import hash64, salt_of
 from embtab.methods.base import PhysicalTable, SizedSpec, TableMethod
-from embtab.methods.frequency import check_int
+from embtab.checks import check_int
 from embtab.registry import MethodKind, register_method
 
 SIGN_BITS = 32  # signs per 64-bit hash word: its top 32 bits

@@ -35,7 +35,7 @@ import torch
 
 from embtab.config import LogicalTable
 from embtab.methods.base import PhysicalTable, SizedSpec, TableMethod
-from embtab.methods.frequency import check_int
+from embtab.checks import check_int
 from embtab.methods.full import FullTable
 from embtab.methods.qr import ceil_root, mixed_radix_digits, partition_sizes
 from embtab.registry import MethodKind, register_method

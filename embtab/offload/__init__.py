@@ -7,19 +7,23 @@ embtab's own, built on the plain fused kernel:
 - `RamStore` / `MmapStore`: the whole table and its optimizer state (host RAM or an mmap file).
 - `attach(model, stores)`: binds the stores to the fused caches, returns an `Offload`.
 - `Prefetcher(loader, offload)`: caches each batch's rows in a background thread before handing it over.
+- `OffloadedTraining`: all of that wired for a training run (RAM stores, prefetched batches, checkpoints).
 """
 
 from embtab.offload.attach import Offload, attach
 from embtab.offload.cache import CacheStats, RowCache
 from embtab.offload.policy import POLICIES
 from embtab.offload.prefetch import Prefetcher
-from embtab.offload.store import MmapStore, RamStore, RowStore, state_width_of
+from embtab.offload.store import MmapStore, RamStore, RowStore
+from embtab.offload.training import OffloadedTraining
+from embtab.optimizers import state_width_of
 
 __all__ = [
     "POLICIES",
     "CacheStats",
     "MmapStore",
     "Offload",
+    "OffloadedTraining",
     "Prefetcher",
     "RamStore",
     "RowCache",

@@ -143,15 +143,13 @@ def _cache(
     for method in members:
         stores[method.table.name].check_table(method.table.name, method.table.cardinality, physical.dim, int(state.shape[1]))
     store = ConcatStore([stores[m.table.name] for m in members], [m.table.name for m in members])
-    for method, offset in zip(members, store.offsets.tolist()):
-        method.offset = offset
     policy = make_policy(spec.policy, physical.rows, store.rows, name)
     reclaim = max(1, int(spec.reclaim * physical.rows))
     tables = {m.table.name: [f.name for f in m.table.features] for m in members}
     weight = whole_local(stored.weight, "offloaded tables")
     cache = RowCache(name, tables, store, weight, state, policy, reclaim)
-    for method in members:
-        method.cache = cache
+    for method, offset in zip(members, store.offsets.tolist()):
+        method.bind_cache(cache, offset)
     return cache
 
 

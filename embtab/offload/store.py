@@ -29,6 +29,7 @@ from typing import Sequence
 
 import torch
 
+from embtab.checks import is_integer
 from embtab.files import atomic_write
 
 MAGIC = b"EMBTAB-ROW-STORE"
@@ -177,7 +178,7 @@ class MmapStore(RowStore):
         """
         path = Path(path)
         for name, value in (("rows", rows), ("dim", dim), ("state_width", state_width)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "state_width" else 1):
+            if not is_integer(value) or value < (0 if name == "state_width" else 1):
                 raise ValueError(f"store file {str(path)!r}: {name} = {value!r}, expected a positive integer")
         if path.exists() and not overwrite:
             raise FileExistsError(
@@ -360,11 +361,6 @@ def _drop_page_cache(fd: int) -> None:
     256-byte row); re-read with MADV_RANDOM, each fault maps only the page it needs."""
     os.fsync(fd)
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-
-
-def state_width_of(optimizer_kind: str | None, dim: int) -> int:
-    """Optimizer floats per row fbgemm keeps for `optimizer_kind` (None: no optimizer state)."""
-    return {None: 0, "sgd": 0, "rowwise_adagrad": 1, "adagrad": dim}[optimizer_kind]
 
 
 def initial_rows(first: int, rows: int, dim: int, seed: int) -> torch.Tensor:

@@ -19,6 +19,7 @@ from typing import Mapping
 
 import torch
 
+from embtab.budget import BelowMinimum
 from embtab.collection import EmbeddingTables
 from embtab.config import EmbeddingSpec, MethodSpec, SparseOptimizer
 from embtab.fused_state import table_parameters as table_weights
@@ -120,7 +121,7 @@ def fit_shift(scores: Mapping[str, TableScores], budget: int, optimizer: SparseO
     """The smallest shift >= 0 (0 or a score) whose export fits `budget` bytes.
 
     Raises:
-        ValueError: even keeping no row does not fit (the message gives that floor).
+        BelowMinimum: even keeping no row does not fit (`nearest` is that floor).
     """
     candidates = torch.cat([torch.zeros(1)] + [torch.cat([s.rows, s.columns]) for s in scores.values()])
     candidates = torch.unique(candidates[torch.isfinite(candidates) & (candidates >= 0)])
@@ -129,9 +130,10 @@ def fit_shift(scores: Mapping[str, TableScores], budget: int, optimizer: SparseO
     top = float(candidates[-1])
     floor = bytes_at(scores, top, optimizer)
     if floor > budget:
-        raise ValueError(
+        raise BelowMinimum(
             f"budget {budget} bytes is below the smallest export of these tables: {floor} bytes "
-            f"(pruned as far as their method allows); expected a budget >= {floor}"
+            f"(pruned as far as their method allows); expected a budget >= {floor}",
+            method="export", budget=budget, nearest=floor, unit="bytes of the export",
         )
     low, high = 0, len(candidates) - 1  # bytes_at(candidates[low]) > budget >= bytes_at(candidates[high])
     while high - low > 1:

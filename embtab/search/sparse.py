@@ -15,6 +15,8 @@ from typing import Mapping
 
 import torch
 
+from embtab.budget import BelowMinimum
+
 VALUE_BYTES = 4  # float32
 INDEX_BYTES = 4  # int32 column indices and row pointers
 
@@ -52,13 +54,14 @@ def csr_shift(margins: Mapping[str, torch.Tensor], budget: int) -> float:
     `budget` bytes of CSR storage (`margins`: each table's ``[n, d]`` element margins).
 
     Raises:
-        ValueError: even with no element kept the row pointers exceed the budget.
+        BelowMinimum: even with no element kept the row pointers exceed the budget.
     """
     pointers = sum(csr_charge(m.shape[0], 0) for m in margins.values())
     if pointers > budget:
-        raise ValueError(
+        raise BelowMinimum(
             f"budget {budget} bytes is below the row pointers of the CSR export ({pointers} bytes); "
-            f"expected a budget >= {pointers}"
+            f"expected a budget >= {pointers}",
+            method="csr export", budget=budget, nearest=pointers, unit="bytes of CSR storage",
         )
     room = (budget - pointers) // (VALUE_BYTES + INDEX_BYTES)
     flat = torch.cat([m.reshape(-1) for m in margins.values()])

@@ -1,11 +1,11 @@
-"""The training engine: same seed same result, resume equals uninterrupted, checkpoint checks."""
+"""The trainer: same seed same result, resume equals uninterrupted, checkpoint checks."""
 
 import pytest
 import torch
 
 import embtab
 from data import make_synthetic
-from experiments.engine import CHECKPOINT, METRICS, TrainConfig, Trainer
+from experiments.trainer import CHECKPOINT, METRICS, TrainConfig, Trainer
 from models import DLRM
 
 CONFIG = TrainConfig(epochs=2, batch_size=256, eval_batch_size=1024, sparse_lr=0.05, patience=5, progress=False)
@@ -86,15 +86,15 @@ def test_offloaded_tables_train_through_the_engine_and_resume_exactly(splits, tm
     whole = Trainer(build_offloaded(splits, 1200), splits, config, tmp_path / "whole")
     whole_result = whole.fit()
     assert whole_result["test_auc"] > 0.55
-    stats = whole.offload.stats()["offload_cache"]  # the test evaluation's cache: read, never written
+    stats = whole.offloaded.offload.stats()["offload_cache"]  # the test evaluation's cache: read, never written
     assert stats.loaded_rows > 0 and stats.written_rows == 0
     stopped = Trainer(build_offloaded(splits, 1200), splits, config, tmp_path / "cut", stop_after_steps=23)
     assert stopped.fit() == {"stopped_at_step": 23}
     resumed = Trainer(build_offloaded(splits, 1200, seed=99), splits, config, tmp_path / "cut")
     resumed_result = resumed.fit()
     assert resumed_result["test_auc"] == pytest.approx(whole_result["test_auc"], abs=1e-6)
-    for name, store in whole.stores.items():
-        torch.testing.assert_close(resumed.stores[name].weights, store.weights, rtol=0, atol=1e-6)
+    for name, store in whole.offloaded.stores.items():
+        torch.testing.assert_close(resumed.offloaded.stores[name].weights, store.weights, rtol=0, atol=1e-6)
 
 
 def test_an_offload_cache_too_small_for_the_evaluation_batch_is_refused_at_start(splits, tmp_path):

@@ -1,4 +1,4 @@
-"""Train and evaluate a CTR model whose embeddings are embtab tables.
+"""The trainer: fits and evaluates a CTR model whose embeddings are embtab tables.
 
 BCE loss; AUC and logloss through torchmetrics; early stopping on validation AUC; checkpoints that
 hold everything a run needs to continue (weights, fused sparse optimizer state, dense optimizer,
@@ -29,9 +29,9 @@ from tqdm import tqdm
 import embtab
 from data import Batch, CTRDataset, DatasetSplits, make_dataloader
 from data.loader import BatchIndexSampler
+from models.output import ModelOutput
 from embtab.collectives import gather_rows, rank_and_world
-from embtab.methods.offloaded import OffloadedMethod
-from embtab.offload import Prefetcher, RamStore, attach, state_width_of
+from embtab.offload import OffloadedTraining
 from embtab.checkpoint import load_checkpoint, load_training_state, save_checkpoint, training_state
 from embtab.checks import check_field_types
 from embtab.files import FolderLock, atomic_write
@@ -188,15 +188,13 @@ class Trainer:
             model, config.sparse(), self.device, process_group=process_group, constraints=constraints
         )
         self.plan = format_plan(self.model.plan)
-        self.stores = self._offload_stores(model)
-        self.offload = attach(self.model, self.stores) if self.stores else None
-        self._prefetcher: Prefetcher | None = None
+        self.offloaded = OffloadedTraining.of(model, self.model, config.sparse_optimizer, config.seed, self.world)
         self.dense_optimizer = torch.optim.Adam(
             embtab.dense_parameters(self.model), lr=config.dense_lr, fused=True
         )
         self.state = RunState()
-        if self.offload is not None:
-            self._check_offload_fits_evaluation()
+        if self.offloaded is not None:
+            self._check_offload_fits_evaluation(self.offloaded)
         self._resume()
 
     # ------------------------------------------------------------------ output folder
@@ -211,37 +209,17 @@ class Trainer:
             self._lock.release()
 
     # ------------------------------------------------------------------ offloaded tables
-    def _offload_stores(self, model: nn.Module) -> dict[str, RamStore]:
-        """A host-RAM store for every offloaded table: its rows live there, the fused table caches them."""
-        if self.world > 1 and any(isinstance(m, OffloadedMethod) for m in model.modules()):
-            raise ValueError(
-                "offloaded tables train on one process; drop --distributed or the offloaded method"
-            )
-        return {
-            m.table.name: RamStore.create(
-                m.table.cardinality,
-                m.table.dim,
-                state_width_of(self.config.sparse_optimizer, m.table.dim),
-                seed=self.config.seed,
-                name=m.table.name,
-            )
-            for m in model.modules()
-            if isinstance(m, OffloadedMethod)
-        }
-
     def _batches(self, loader, train: bool):
         """`loader`, or with offloaded tables a `Prefetcher` over it (each batch's rows cached
         ahead; closing it writes the trained rows back)."""
-        if self.offload is None:
+        if self.offloaded is None:
             return contextlib.nullcontext(loader)
-        return Prefetcher(loader, self.offload, train=train)
+        return self.offloaded.batches(loader, train=train)
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint(self) -> dict[str, Any]:
-        if self._prefetcher is not None:
-            self._prefetcher.flush()
         return {
-            "offload": {name: store.state_dict() for name, store in self.stores.items()},
+            "offload": self.offloaded.state_dict() if self.offloaded is not None else {},
             "training": training_state(self.model),
             "dense_optimizer": self.dense_optimizer.state_dict(),
             "run": asdict(self.state),
@@ -270,10 +248,8 @@ class Trainer:
         """Restore a checkpoint of this run (checksum and identity checked before anything changes)."""
         saved = load_checkpoint(self.out_dir / name, self.identity, SAFE_TO_CHANGE)
         load_training_state(self.model, saved["training"])
-        if self.stores:
-            for name, store in self.stores.items():
-                store.load_state_dict(saved["offload"][name])
-            self.offload = attach(self.model, self.stores)  # empty caches: the stores hold every row
+        if self.offloaded is not None:
+            self.offloaded.load_state_dict(self.model, saved["offload"])
         self.dense_optimizer.load_state_dict(saved["dense_optimizer"])
         self.state = RunState(**saved["run"])
         self.state.finished = self._finished()
@@ -287,11 +263,9 @@ class Trainer:
     # ------------------------------------------------------------------ training
     def _loss(self, batch, global_batch: int) -> torch.Tensor:
         """This rank's share of the global batch's mean loss (the mean itself on one process)."""
-        logits = self.model(batch.sparse, batch.dense)
-        losses = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none")
-        loss = global_mean(losses, global_batch, self.world)
-        regularization = getattr(self._user_model(), "regularization", None)
-        return loss + regularization(batch.sparse) if callable(regularization) else loss
+        out: ModelOutput = self.model(batch.sparse, batch.dense, with_aux_loss=True)
+        losses = nn.functional.binary_cross_entropy_with_logits(out.logits, batch.labels, reduction="none")
+        return out.loss(global_mean(losses, global_batch, self.world))
 
     def _on_device(self, batch: Batch) -> Batch:
         return batch if self.device.type == "cpu" else batch.to(self.device, non_blocking=True)
@@ -322,9 +296,7 @@ class Trainer:
             leave=False,
         )
         with self._batches(loader, train=True) as batches:
-            self._prefetcher = batches if self.offload is not None else None
             finished = self._train_batches(batches, loader.batch_sampler, progress)
-        self._prefetcher = None
         progress.close()
         return finished
 
@@ -440,20 +412,13 @@ class Trainer:
         logloss = float(nn.functional.binary_cross_entropy_with_logits(logits_all, labels_all))
         return Evaluation(auc=auc, logloss=logloss, samples=len(labels_all), seconds=seconds)
 
-    def _check_offload_fits_evaluation(self) -> None:
+    def _check_offload_fits_evaluation(self, offloaded: OffloadedTraining) -> None:
         """Every evaluation batch's distinct rows must fit each offload cache: checked over the
         validation and test splits before training starts (and every id range-checked)."""
         for split, dataset in (("valid", self.splits.valid), ("test", self.splits.test)):
             size = self._eval_batch_size(len(dataset))
-            for batch in make_dataloader(dataset, size, shuffle=False, part=(self.rank, self.world)):
-                for name, rows in self.offload.ids_of(batch.sparse).items():  # type: ignore[union-attr]
-                    needed, slots = int(rows.unique().numel()), self.offload.caches[name].slots  # type: ignore[union-attr]
-                    if needed > slots:
-                        raise ValueError(
-                            f"offload cache {name!r} has {slots} rows (cache_rows) but an evaluation batch "
-                            f"of {size} {split} samples needs {needed} distinct rows; lower [train] "
-                            f"eval_batch_size (to about {max(1, size * slots // needed)}) or raise cache_rows"
-                        )
+            loader = make_dataloader(dataset, size, shuffle=False, part=(self.rank, self.world))
+            offloaded.check_fits((batch.sparse for batch in loader), size, split)
 
     def _eval_batch_size(self, samples: int) -> int:
         """The configured evaluation batch, made smaller if needed so that the last batch still
