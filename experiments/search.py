@@ -30,17 +30,17 @@ from torchmetrics.functional.classification import binary_auroc
 import embtab
 from data import CTRDataset, DatasetSplits, load_dataset, make_dataloader
 from embtab.budget import BudgetError, full_table_bytes, full_table_parameters, solve_budget, spec_cost
-from embtab.methods import DNIS, MDE, PEP, OptEmbed
+from embtab.methods import DNIS, MDE, PEP, DeepLight, OptEmbed
 from embtab.search import EvolutionConfig, evolve
 from embtab.search import export as ex
-from embtab.search.sparse import csr_bytes, csr_charge, csr_export, csr_parameters, csr_shift
+from embtab.search.sparse import csr_bytes, csr_charge, csr_export, csr_parameters, csr_shift, csr_sparsity
 from embtab.shard import embedding_tables_of, physical_weights
 from experiments.common import parser, write_json
 from experiments.ctr import SECTIONS, load_config, train_config
 from experiments.engine import TrainConfig, Trainer
 from models import build_model
 
-METHOD_NAMES = ("full", "optembed", "pep", "mde", "dnis")
+METHOD_NAMES = ("full", "optembed", "pep", "mde", "dnis", "deeplight")
 
 
 class Run:
@@ -89,11 +89,13 @@ class Run:
         stage: bool = False,
         model: nn.Module | None = None,
         on_epoch: Callable[[Trainer], None] | None = None,
+        config: TrainConfig | None = None,
     ) -> tuple[Trainer, dict[str, Any], float]:
-        """Train a model on `tables` (or `model`), with the search-stage settings when `stage`;
-        `on_epoch` sees the trainer after every epoch. The trainer, its result and the seconds."""
+        """Train a model on `tables` (or `model`), with the search-stage settings when `stage`
+        (or `config`); `on_epoch` sees the trainer after every epoch. The trainer, its result and
+        the seconds."""
         start = time.perf_counter()
-        config = self.stage_train if stage else self.train
+        config = config or (self.stage_train if stage else self.train)
         trainer = _Trainer(model or self.model(tables), self.splits, config, self.out / name, on_epoch=on_epoch)
         result = trainer.fit()
         return trainer, result, time.perf_counter() - start
@@ -292,9 +294,11 @@ def _nonzeros(plan: ex.TablePlan) -> int:
     return int((plan.values != 0).sum())  # type: ignore[union-attr]
 
 
-def _retrain_sparse(run: Run, label: str, budget: Fraction, plans: dict[str, ex.TablePlan]) -> dict[str, Any]:
+def _retrain_sparse(
+    run: Run, label: str, budget: Fraction, plans: dict[str, ex.TablePlan], dense_from: Trainer | None = None
+) -> dict[str, Any]:
     """Retrain an element-sparse plan (zeros frozen), then charge it its real CSR export."""
-    cell = _retrain(run, label, budget, plans)
+    cell = _retrain(run, label, budget, plans, dense_from=dense_from)
     parameters = sum(csr_parameters(p.keep.numel(), _nonzeros(p)) for p in plans.values())
     cell.update(
         train_bytes=cell["bytes"],
@@ -336,6 +340,38 @@ def run_dnis(run: Run, budgets: list[Fraction]) -> list[dict[str, Any]]:
         label = "dnis" if budget is not None else "dnis (learned)"
         cell = _retrain(run, label, budget, ex.plans(tables, weights), dense_from=trainer)
         cells.append({**cell, **common})
+    return cells
+
+
+def run_deeplight(run: Run, budgets: list[Fraction]) -> list[dict[str, Any]]:
+    """DeepLight, per budget: train with the table pruned gradually towards the share of zeros
+    whose CSR export fits the budget (the main [train] settings, the last state kept: the mask
+    moves while it trains; the schedule's keys from [search]), prune the smallest magnitudes left
+    until the export fits exactly, then fine-tune with the mask fixed and the dense network kept.
+    Bytes are the CSR export's."""
+    settings = run.settings(DeepLight)
+    shapes = [(t.cardinality, t.dim) for t in run.spec(embtab.FullTable()).tables()]
+    cells = []
+    for budget in budgets:
+        target = int(run.full_bytes * budget)
+        try:
+            sparsity = csr_sparsity(shapes, target)
+        except ValueError as error:
+            cells.append({"method": "deeplight", "budget": str(budget), "unreachable": str(error)})
+            continue
+        torch.manual_seed(run.train.seed)
+        tables = embtab.EmbeddingTables(run.spec(DeepLight(**{**settings, "sparsity": sparsity})))
+        config = replace(run.train, restore_best=False)
+        trainer, _, train_s = run.fit(tables, f"deeplight_train_{_tag(budget)}", config=config)
+        weights = physical_weights(trainer.model)
+        tables = embedding_tables_of(trainer.model)[0]
+        reached = sum(int((w == 0).sum()) for w in weights.values()) / run.full_parameters
+        with torch.no_grad():
+            margins = {n: m.margins(weights[n]) for n, m in tables.methods.items()}  # type: ignore[operator]
+        ex.set_shift(tables, csr_shift(margins, target))
+        cell = _retrain_sparse(run, "deeplight", budget, ex.plans(tables, weights), dense_from=trainer)
+        cells.append({**cell, "search_s": train_s, "search_epochs": len(trainer.state.history),
+                      "target_sparsity": sparsity, "learned_element_sparsity": reached})
     return cells
 
 
@@ -503,7 +539,8 @@ def main() -> None:
     budgets = [Fraction(b) for b in args.budgets]
     base_seed = train_config(config.get("train", {})).seed
     out = Path(args.out)
-    runners = {"full": run_full, "optembed": run_optembed, "pep": run_pep, "mde": run_mde, "dnis": run_dnis}
+    runners = {"full": run_full, "optembed": run_optembed, "pep": run_pep, "mde": run_mde, "dnis": run_dnis,
+               "deeplight": run_deeplight}
     cells = []
     for offset in range(args.seeds):
         run = Run(config, base_seed + offset, out / f"seed{base_seed + offset}")

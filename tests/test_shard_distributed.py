@@ -15,7 +15,7 @@ from torchrec.models.dlrm import DLRM
 import embtab
 from embtab.config import EmbeddingSpec, FeatureSpec
 from embtab.fused_state import attach_row_reset
-from embtab.methods import DHE, DNIS, DPQ, MDE, MGQE, PEP, ROBE, OptEmbed, TTRec
+from embtab.methods import DHE, DNIS, DPQ, MDE, MGQE, PEP, ROBE, DeepLight, OptEmbed, TTRec
 from embtab.methods.managed_collision import ManagedCollision
 from embtab.methods.multi_hash import MultiHash
 from embtab.methods.hashing_trick import HashingTrick
@@ -59,6 +59,8 @@ METHODS = {
     "tt_rec": {"method": TTRec(rank=2)},
     "robe": {"method": ROBE(rows=32)},
     "dpq": {"method": DPQ(parts=4, codewords=8)},
+    # prunes a quarter of every table before the step's lookup: a threshold over all its shards
+    "deeplight": {"method": DeepLight(sparsity=0.5, prune_every=1, damping=0.5, damping_steps=1.0)},
     "mgqe": {"method": MGQE(parts=4, codewords=8, rare_codewords=2, hot_ids=(1, 2, 3))},
     # no table for user and city, fused tables for the rest; batch norm would see local batches
     "dhe": {

@@ -26,6 +26,7 @@ from embtab.methods.robe import ROBE
 from embtab.methods.dhe import DHE
 from embtab.methods.dpq import DPQ
 from embtab.methods.mgqe import MGQE
+from embtab.methods.deeplight import DeepLight
 from embtab.registry import MethodKind, method_from_dict, methods_of_kind, register_method
 
 # Compression methods: every generic budget test and sweep takes them.
@@ -43,6 +44,7 @@ PLACEMENT_METHODS: dict[str, type[MethodSpec]] = methods_of_kind(MethodKind.PLAC
 
 __all__ = [
     "DHE",
+    "DeepLight",
     "DNIS",
     "DPQ",
     "MGQE",
