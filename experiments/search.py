@@ -30,17 +30,20 @@ from torchmetrics.functional.classification import binary_auroc
 import embtab
 from data import CTRDataset, DatasetSplits, load_dataset, make_dataloader
 from embtab.budget import BudgetError, full_table_bytes, full_table_parameters, solve_budget, spec_cost
-from embtab.methods import DNIS, MDE, PEP, DeepLight, OptEmbed
+from embtab.methods import DNIS, MDE, PEP, DeepLight, Dedup, OptEmbed
+from embtab.methods.dedup import DedupMethod
 from embtab.search import EvolutionConfig, evolve
+from embtab.search.dedup import deduplicate, merged_weights
 from embtab.search import export as ex
 from embtab.search.sparse import csr_bytes, csr_charge, csr_export, csr_parameters, csr_shift, csr_sparsity
+from embtab.fused_state import table_parameters
 from embtab.shard import embedding_tables_of, physical_weights
 from experiments.common import parser, write_json
 from experiments.ctr import SECTIONS, load_config, train_config
 from experiments.engine import TrainConfig, Trainer
 from models import build_model
 
-METHOD_NAMES = ("full", "optembed", "pep", "mde", "dnis", "deeplight")
+METHOD_NAMES = ("full", "optembed", "pep", "mde", "dnis", "deeplight", "dedup")
 
 
 class Run:
@@ -375,6 +378,59 @@ def run_deeplight(run: Run, budgets: list[Fraction]) -> list[dict[str, Any]]:
     return cells
 
 
+def run_dedup(run: Run, budgets: list[Fraction]) -> list[dict[str, Any]]:
+    """Dedup: train the full table once; per budget, size the stored blocks of each table
+    (`solve_budget`), merge its near-duplicate blocks down to them (`embtab.search.dedup`), and
+    fine-tune the merged tables with the trained dense network kept (tables left full keep their
+    trained rows)."""
+    settings = run.settings(Dedup)
+    torch.manual_seed(run.train.seed)
+    trainer, _, full_s = run.fit(embtab.EmbeddingTables(run.spec(embtab.FullTable())), "dedup_full")
+    weights = physical_weights(trainer.model)
+    cells = []
+    for budget in budgets:
+        start = time.perf_counter()
+        try:
+            min_fill = float(run.search.get("dedup_min_fill", 0.5))  # blocks move in steps of block_rows
+            fit = solve_budget(run.spec(Dedup(**settings)), int(run.full_bytes * budget), run.optimizer, min_fill=min_fill)
+            tables, merges = _deduplicated(fit.spec, weights)
+        except ValueError as error:  # a BudgetError, or too few duplicates without `relax`
+            cells.append({"method": "dedup", "budget": str(budget), "unreachable": str(error)})
+            continue
+        dedup_s = time.perf_counter() - start
+        model = run.model(tables)
+        _load_dense(model, trainer.model.module)
+        _, result, seconds = run.fit(tables, f"dedup_{_tag(budget)}", model=model)
+        cell = _cell("dedup", str(budget), result, run.full_bytes, fit.bytes, retrain_s=seconds)
+        cells.append({**cell, "parameters": fit.cost.parameters, "parameter_ratio": fit.parameter_ratio,
+                      "search_s": full_s + dedup_s, "dedup_s": dedup_s, "merges": merges,
+                      "duplicates": sum(m["duplicates"] for m in merges.values()),
+                      "relaxed_merges": sum(m["relaxed"] for m in merges.values())})
+    return cells
+
+
+def _deduplicated(
+    spec: embtab.EmbeddingSpec, weights: dict[str, torch.Tensor]
+) -> tuple[embtab.EmbeddingTables, dict[str, dict[str, int]]]:
+    """Tables of `spec` holding the trained `weights` (by table name): each Dedup table its
+    merged blocks and block map, each other table its trained rows; and the merges per table."""
+    tables = embtab.EmbeddingTables(spec)
+    parameters = table_parameters(tables)
+    merges = {}
+    with torch.no_grad():
+        for name, method in tables.methods.items():
+            physical = method.physical_tables[0].name
+            if not isinstance(method, DedupMethod):
+                parameters[physical].copy_(weights[name])
+                continue
+            table_spec = spec.method_of(name)
+            plan = deduplicate(weights[name], table_spec)  # type: ignore[arg-type]
+            method.set_block_map(plan.block_map)
+            parameters[physical].copy_(merged_weights(weights[name], plan, method.block_rows))
+            merges[name] = {"blocks": int(plan.kept.numel()), "duplicates": plan.duplicates, "relaxed": plan.relaxed}
+    return tables, merges
+
+
 def _element_sparsity(table_plans: dict[str, ex.TablePlan], run: Run) -> float:
     """Share of the full table's elements that are zero (PEP's own measure)."""
     nonzero = sum(int((p.values != 0).sum()) for p in table_plans.values() if p.values is not None)
@@ -540,7 +596,7 @@ def main() -> None:
     base_seed = train_config(config.get("train", {})).seed
     out = Path(args.out)
     runners = {"full": run_full, "optembed": run_optembed, "pep": run_pep, "mde": run_mde, "dnis": run_dnis,
-               "deeplight": run_deeplight}
+               "deeplight": run_deeplight, "dedup": run_dedup}
     cells = []
     for offset in range(args.seeds):
         run = Run(config, base_seed + offset, out / f"seed{base_seed + offset}")

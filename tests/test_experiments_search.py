@@ -131,3 +131,23 @@ def test_pep_learned_sparsity_reaches_its_target_and_snapshots_there(tmp_path):
     trajectory = [t["csr_bytes"] for t in learned["sparsity_trajectory"]]
     assert trajectory[-1] <= run.full_bytes // 2 < dense and learned["threshold_moved"] > 0.1
     assert learned["bytes"] == learned["export_csr_bytes"]
+
+
+def test_deeplight_and_dedup_stages_land_in_the_budget(tmp_path, monkeypatch):
+    path = tmp_path / "search.toml"
+    path.write_text(CONFIG)
+    out = tmp_path / "out"
+    argv = ["search", "--config", str(path), "--methods", "full", "deeplight", "dedup", "--budgets", "1/4",
+            "--seeds", "1", "--out", str(out), "--set", "search.block_rows=20", "--set", "search.prune_every=2",
+            "--set", "search.damping_steps=0.5"]
+    monkeypatch.setattr(sys, "argv", argv)
+    main()
+    cells = {c["method"]: c for c in json.loads((out / "result.json").read_text())["cells"]}
+    budget = cells["full"]["bytes"] // 4
+    deeplight, dedup = cells["deeplight"], cells["dedup"]
+    assert deeplight["bytes"] == deeplight["export_csr_bytes"] <= deeplight["budget_bytes"] == budget
+    assert 0 < deeplight["learned_element_sparsity"] <= deeplight["target_sparsity"] < 1  # pruned while training
+    assert deeplight["element_sparsity"] >= deeplight["target_sparsity"] - 0.01
+    assert 0.5 * budget <= dedup["bytes"] <= dedup["budget_bytes"] == budget
+    assert dedup["duplicates"] + dedup["relaxed_merges"] == sum(20 - m["blocks"] for m in dedup["merges"].values())
+    assert dedup["test_auc"] > 0.5 and deeplight["test_auc"] > 0.5
