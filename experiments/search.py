@@ -30,7 +30,7 @@ from torchmetrics.functional.classification import binary_auroc
 import embtab
 from data import CTRDataset, DatasetSplits, load_dataset, make_dataloader
 from embtab.budget import BudgetError, full_table_bytes, full_table_parameters, solve_budget, spec_cost
-from embtab.methods import DNIS, MDE, PEP, DeepLight, Dedup, OptEmbed
+from embtab.methods import DNIS, MDE, PEP, AutoSrh, DeepLight, Dedup, OptEmbed
 from embtab.methods.dedup import DedupMethod
 from embtab.search import EvolutionConfig, evolve
 from embtab.search.dedup import deduplicate, merged_weights
@@ -43,7 +43,7 @@ from experiments.ctr import SECTIONS, load_config, train_config
 from experiments.engine import TrainConfig, Trainer
 from models import build_model
 
-METHOD_NAMES = ("full", "optembed", "pep", "mde", "dnis", "deeplight", "dedup")
+METHOD_NAMES = ("full", "optembed", "pep", "mde", "dnis", "deeplight", "dedup", "autosrh")
 
 
 class Run:
@@ -409,6 +409,46 @@ def run_dedup(run: Run, budgets: list[Fraction]) -> list[dict[str, Any]]:
     return cells
 
 
+def run_autosrh(run: Run, budgets: list[Fraction]) -> list[dict[str, Any]]:
+    """AutoSrh: train the table with its frequency-group x dimension weights (groups from the
+    training counts; the main [train] settings, the last state kept), then prune the smallest
+    ``|e * alpha|`` (none beyond the weights clipped to 0 for "autosrh (learned)"; until the CSR
+    export fits each budget for "autosrh"), fold the weights into the kept values and retrain them
+    with the mask fixed and the dense network kept. Bytes are the CSR export's."""
+    torch.manual_seed(run.train.seed)
+    tables = embtab.EmbeddingTables(run.spec(AutoSrh(**run.settings(AutoSrh))))
+    counts = run.splits.id_counts()
+    for name, method in tables.methods.items():
+        method.set_groups(counts[name])  # type: ignore[operator]
+    config = replace(run.train, restore_best=False)
+    trainer, _, search_s = run.fit(tables, "autosrh_search", config=config)
+    weights = physical_weights(trainer.model)
+    tables = embedding_tables_of(trainer.model)[0]
+    alphas = {n: m.alpha.detach() for n, m in tables.methods.items()}  # type: ignore[union-attr]
+    common = {
+        "search_s": search_s,
+        "search_epochs": len(trainer.state.history),
+        "threshold_moved": max(float((a - 1).abs().max()) for a in alphas.values()),  # from their initial 1
+        "alpha_zero_share": sum(int((a == 0).sum()) for a in alphas.values()) / sum(a.numel() for a in alphas.values()),
+    }
+    cells = []
+    for budget in [None, *budgets]:
+        shift = 0.0
+        if budget is not None:
+            with torch.no_grad():
+                margins = {n: m.margins(weights[n]) for n, m in tables.methods.items()}  # type: ignore[operator]
+            try:
+                shift = csr_shift(margins, int(run.full_bytes * budget))
+            except ValueError as error:
+                cells.append({"method": "autosrh", "budget": str(budget), "unreachable": str(error)})
+                continue
+        ex.set_shift(tables, shift)
+        label = "autosrh" if budget is not None else "autosrh (learned)"
+        cell = _retrain_sparse(run, label, budget, ex.plans(tables, weights), dense_from=trainer)  # type: ignore[arg-type]
+        cells.append({**cell, **common})
+    return cells
+
+
 def _deduplicated(
     spec: embtab.EmbeddingSpec, weights: dict[str, torch.Tensor]
 ) -> tuple[embtab.EmbeddingTables, dict[str, dict[str, int]]]:
@@ -596,7 +636,7 @@ def main() -> None:
     base_seed = train_config(config.get("train", {})).seed
     out = Path(args.out)
     runners = {"full": run_full, "optembed": run_optembed, "pep": run_pep, "mde": run_mde, "dnis": run_dnis,
-               "deeplight": run_deeplight, "dedup": run_dedup}
+               "deeplight": run_deeplight, "dedup": run_dedup, "autosrh": run_autosrh}
     cells = []
     for offset in range(args.seeds):
         run = Run(config, base_seed + offset, out / f"seed{base_seed + offset}")

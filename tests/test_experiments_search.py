@@ -133,13 +133,13 @@ def test_pep_learned_sparsity_reaches_its_target_and_snapshots_there(tmp_path):
     assert learned["bytes"] == learned["export_csr_bytes"]
 
 
-def test_deeplight_and_dedup_stages_land_in_the_budget(tmp_path, monkeypatch):
+def test_deeplight_dedup_and_autosrh_stages_land_in_the_budget(tmp_path, monkeypatch):
     path = tmp_path / "search.toml"
     path.write_text(CONFIG)
     out = tmp_path / "out"
-    argv = ["search", "--config", str(path), "--methods", "full", "deeplight", "dedup", "--budgets", "1/4",
+    argv = ["search", "--config", str(path), "--methods", "full", "deeplight", "dedup", "autosrh", "--budgets", "1/4",
             "--seeds", "1", "--out", str(out), "--set", "search.block_rows=20", "--set", "search.prune_every=2",
-            "--set", "search.damping_steps=0.5"]
+            "--set", "search.damping_steps=0.5", "--set", "search.alpha_lr=0.05", "--set", "search.l1=0.01"]
     monkeypatch.setattr(sys, "argv", argv)
     main()
     cells = {c["method"]: c for c in json.loads((out / "result.json").read_text())["cells"]}
@@ -151,3 +151,6 @@ def test_deeplight_and_dedup_stages_land_in_the_budget(tmp_path, monkeypatch):
     assert 0.5 * budget <= dedup["bytes"] <= dedup["budget_bytes"] == budget
     assert dedup["duplicates"] + dedup["relaxed_merges"] == sum(20 - m["blocks"] for m in dedup["merges"].values())
     assert dedup["test_auc"] > 0.5 and deeplight["test_auc"] > 0.5
+    autosrh, learned = cells["autosrh"], cells["autosrh (learned)"]
+    assert autosrh["bytes"] == autosrh["export_csr_bytes"] <= autosrh["budget_bytes"] == budget
+    assert autosrh["threshold_moved"] > 0 and learned["budget"] == "learned"

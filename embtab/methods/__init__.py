@@ -28,6 +28,7 @@ from embtab.methods.dpq import DPQ
 from embtab.methods.mgqe import MGQE
 from embtab.methods.deeplight import DeepLight
 from embtab.methods.dedup import Dedup
+from embtab.methods.autosrh import AutoSrh
 from embtab.registry import MethodKind, method_from_dict, methods_of_kind, register_method
 
 # Compression methods: every generic budget test and sweep takes them.
@@ -47,6 +48,7 @@ __all__ = [
     "DHE",
     "DeepLight",
     "Dedup",
+    "AutoSrh",
     "DNIS",
     "DPQ",
     "MGQE",
