@@ -15,6 +15,7 @@ seeds and writes everything to ``<out>/result.json``.
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from dataclasses import asdict, fields, replace
@@ -30,7 +31,8 @@ from torchmetrics.functional.classification import binary_auroc
 import embtab
 from data import CTRDataset, DatasetSplits, load_dataset, make_dataloader
 from embtab.budget import BudgetError, full_table_bytes, full_table_parameters, solve_budget, spec_cost
-from embtab.methods import DNIS, MDE, PEP, AutoSrh, DeepLight, Dedup, OptEmbed
+from embtab.methods import DNIS, MDE, PEP, AutoDim, AutoSrh, DeepLight, Dedup, OptEmbed
+from embtab.methods.autodim import fit_widths, retrain_method
 from embtab.methods.dedup import DedupMethod
 from embtab.search import EvolutionConfig, evolve
 from embtab.search.dedup import deduplicate, merged_weights
@@ -43,7 +45,7 @@ from experiments.ctr import SECTIONS, load_config, train_config
 from experiments.engine import TrainConfig, Trainer
 from models import build_model
 
-METHOD_NAMES = ("full", "optembed", "pep", "mde", "dnis", "deeplight", "dedup", "autosrh")
+METHOD_NAMES = ("full", "optembed", "pep", "mde", "dnis", "deeplight", "dedup", "autosrh", "autodim")
 
 
 class Run:
@@ -449,6 +451,47 @@ def run_autosrh(run: Run, budgets: list[Fraction]) -> list[dict[str, Any]]:
     return cells
 
 
+def run_autodim(run: Run, budgets: list[Fraction]) -> list[dict[str, Any]]:
+    """AutoDim: train the candidate tables and their Gumbel-softmax mixture, then retrain from
+    scratch each table at its chosen width ("autodim (learned)": the largest weight; "autodim":
+    the most likely widths that fit each budget, refused below every table at its narrowest)."""
+    settings = run.settings(AutoDim)
+    torch.manual_seed(run.train.seed)
+    trainer, _, search_s = run.fit(embtab.EmbeddingTables(run.spec(AutoDim(**settings))), "autodim_search")
+    tables = embedding_tables_of(trainer.model)[0]
+    preferences = {n: (m.widths, m.alpha.detach().clone()) for n, m in tables.methods.items()}  # type: ignore[union-attr]
+    logical = {t.name: t for t in run.spec(embtab.FullTable()).tables()}
+
+    @functools.cache
+    def cost(name: str, width: int) -> int:
+        alone = embtab.EmbeddingSpec(features=logical[name].features, dim=run.dim, method=retrain_method(width))
+        return spec_cost(alone, run.optimizer).bytes
+
+    common = {"search_s": search_s, "search_epochs": len(trainer.state.history),
+              "alphas": {n: a.tolist() for n, (_, a) in preferences.items()}}
+    cells = []
+    for budget in [None, *budgets]:
+        label = "autodim" if budget is not None else "autodim (learned)"
+        if budget is None:
+            widths = {n: m.chosen_width() for n, m in tables.methods.items()}  # type: ignore[union-attr,operator]
+        else:
+            try:
+                run.solved(AutoDim(**settings), budget)  # refuses a budget below every table at width 4
+                widths = fit_widths(preferences, cost, int(run.full_bytes * budget))
+            except ValueError as error:
+                cells.append({"method": label, "budget": str(budget), "unreachable": str(error)})
+                continue
+        spec = embtab.EmbeddingSpec(features=run.features, dim=run.dim, method=embtab.FullTable(),
+                                    table_methods=tuple((n, retrain_method(w)) for n, w in widths.items()))
+        torch.manual_seed(run.train.seed)
+        _, result, seconds = run.fit(embtab.EmbeddingTables(spec), f"{label.replace(' ', '_')}_{_tag(budget)}")
+        spent = spec_cost(spec, run.optimizer)
+        cell = _cell(label, _budget_text(budget), result, run.full_bytes, spent.bytes, widths=widths, retrain_s=seconds)
+        cells.append({**cell, **common, "parameters": spent.parameters,
+                      "parameter_ratio": spent.parameters / run.full_parameters})
+    return cells
+
+
 def _deduplicated(
     spec: embtab.EmbeddingSpec, weights: dict[str, torch.Tensor]
 ) -> tuple[embtab.EmbeddingTables, dict[str, dict[str, int]]]:
@@ -636,7 +679,7 @@ def main() -> None:
     base_seed = train_config(config.get("train", {})).seed
     out = Path(args.out)
     runners = {"full": run_full, "optembed": run_optembed, "pep": run_pep, "mde": run_mde, "dnis": run_dnis,
-               "deeplight": run_deeplight, "dedup": run_dedup, "autosrh": run_autosrh}
+               "deeplight": run_deeplight, "dedup": run_dedup, "autosrh": run_autosrh, "autodim": run_autodim}
     cells = []
     for offset in range(args.seeds):
         run = Run(config, base_seed + offset, out / f"seed{base_seed + offset}")

@@ -58,7 +58,7 @@ from experiments.ctr import SECTIONS, load_config, run
 from experiments.engine import BEST, CHECKPOINT
 
 DEFAULT_BUDGETS = ("1", "1/2", "1/4", "1/16", "1/64", "1/256")
-LEARNED = ("optembed", "pep", "dnis", "deeplight", "dedup", "autosrh")
+LEARNED = ("optembed", "pep", "dnis", "deeplight", "dedup", "autosrh", "autodim")
 HOT = "+hot"
 HOT_METHODS = ("hashing_trick", "multi_hash")
 RESULT = "cell.json"
@@ -254,7 +254,8 @@ def _learned_rows(
     fractions = [Budget(b).fraction for b in budgets if Budget(b).kind == "bytes" and Budget(b).fraction is not None]
     runner = search.Run(config, cell.seed, folder)
     produced = {"optembed": search.run_optembed, "pep": search.run_pep, "dnis": search.run_dnis,
-                "deeplight": search.run_deeplight, "dedup": search.run_dedup, "autosrh": search.run_autosrh}[cell.method](
+                "deeplight": search.run_deeplight, "dedup": search.run_dedup, "autosrh": search.run_autosrh,
+                "autodim": search.run_autodim}[cell.method](
         runner, [f for f in fractions if f < 1]  # type: ignore[misc]
     )
     rows = []

@@ -133,16 +133,17 @@ def test_pep_learned_sparsity_reaches_its_target_and_snapshots_there(tmp_path):
     assert learned["bytes"] == learned["export_csr_bytes"]
 
 
-def test_deeplight_dedup_and_autosrh_stages_land_in_the_budget(tmp_path, monkeypatch):
+def test_deeplight_dedup_autosrh_and_autodim_stages_land_in_the_budget(tmp_path, monkeypatch):
     path = tmp_path / "search.toml"
     path.write_text(CONFIG)
     out = tmp_path / "out"
-    argv = ["search", "--config", str(path), "--methods", "full", "deeplight", "dedup", "autosrh", "--budgets", "1/4",
+    argv = ["search", "--config", str(path), "--methods", "full", "deeplight", "dedup", "autosrh", "autodim", "--budgets", "1/4", "3/4",
             "--seeds", "1", "--out", str(out), "--set", "search.block_rows=20", "--set", "search.prune_every=2",
             "--set", "search.damping_steps=0.5", "--set", "search.alpha_lr=0.05", "--set", "search.l1=0.01"]
     monkeypatch.setattr(sys, "argv", argv)
     main()
-    cells = {c["method"]: c for c in json.loads((out / "result.json").read_text())["cells"]}
+    saved = json.loads((out / "result.json").read_text())["cells"]
+    cells = {c["method"]: c for c in saved if c["budget"] in ("1", "1/4", "learned")}
     budget = cells["full"]["bytes"] // 4
     deeplight, dedup = cells["deeplight"], cells["dedup"]
     assert deeplight["bytes"] == deeplight["export_csr_bytes"] <= deeplight["budget_bytes"] == budget
@@ -154,3 +155,8 @@ def test_deeplight_dedup_and_autosrh_stages_land_in_the_budget(tmp_path, monkeyp
     autosrh, learned = cells["autosrh"], cells["autosrh (learned)"]
     assert autosrh["bytes"] == autosrh["export_csr_bytes"] <= autosrh["budget_bytes"] == budget
     assert autosrh["threshold_moved"] > 0 and learned["budget"] == "learned"
+    # AutoDim at width 8: 1/4 is below every table at width 4 (20 of 36 bytes a row); 3/4 fits
+    assert "expected a budget >=" in cells["autodim"]["unreachable"]
+    half = next(c for c in saved if c["method"] == "autodim" and c["budget"] == "3/4")
+    assert half["bytes"] <= half["budget_bytes"] and set(half["widths"].values()) <= {4, 8}
+    assert set(cells["autodim (learned)"]["widths"].values()) <= {4, 8}

@@ -29,6 +29,7 @@ from embtab.methods.mgqe import MGQE
 from embtab.methods.deeplight import DeepLight
 from embtab.methods.dedup import Dedup
 from embtab.methods.autosrh import AutoSrh
+from embtab.methods.autodim import AutoDim
 from embtab.registry import MethodKind, method_from_dict, methods_of_kind, register_method
 
 # Compression methods: every generic budget test and sweep takes them.
@@ -49,6 +50,7 @@ __all__ = [
     "DeepLight",
     "Dedup",
     "AutoSrh",
+    "AutoDim",
     "DNIS",
     "DPQ",
     "MGQE",
