@@ -7,7 +7,11 @@ Per seed: the full table once; OptEmbed's supernet and PEP's thresholded table o
 then per budget (a fraction of the full table's bytes, counted with the sparse optimizer's state)
 OptEmbed's evolutionary width search under the budget and a fresh retrain of the found rows and
 widths, PEP's pruning to the budget and a rewound retrain, MDE sized by `solve_budget`, and DNIS's
-dimensions pruned to the budget and fine-tuned (``--methods`` picks; DNIS only when asked). Every
+dimensions pruned to the budget and fine-tuned (``--methods`` picks; DNIS only when asked), and,
+when asked, the VLDB benchmark's staged methods: DeepLight (pruned while training, per budget),
+Dedup (the full table's near-duplicate blocks merged to each budget, fine-tuned), AutoSrh (group x
+dimension weights, pruned to each budget, retrained) and AutoDim (a width mixture, the chosen
+widths retrained; budgets below every table at width 4 are unreachable). Every
 cell reports test AUC, bytes as allocated, rows pruned, widths per table, search and retrain
 seconds; OptEmbed and PEP also the test AUC of their int8 export. Prints a table of mean ± std over
 seeds and writes everything to ``<out>/result.json``.
@@ -476,10 +480,12 @@ def run_autodim(run: Run, budgets: list[Fraction]) -> list[dict[str, Any]]:
             widths = {n: m.chosen_width() for n, m in tables.methods.items()}  # type: ignore[union-attr,operator]
         else:
             try:
-                run.solved(AutoDim(**settings), budget)  # refuses a budget below every table at width 4
+                run.solved(AutoDim(**settings), budget)
                 widths = fit_widths(preferences, cost, int(run.full_bytes * budget))
-            except ValueError as error:
-                cells.append({"method": label, "budget": str(budget), "unreachable": str(error)})
+            except BudgetError as error:
+                reason = (f"budget {error.budget} bytes is below AutoDim's smallest result, every table at its "
+                          f"narrowest candidate width with its projection: {error.nearest} bytes")
+                cells.append({"method": label, "budget": str(budget), "unreachable": reason})
                 continue
         spec = embtab.EmbeddingSpec(features=run.features, dim=run.dim, method=embtab.FullTable(),
                                     table_methods=tuple((n, retrain_method(w)) for n, w in widths.items()))
