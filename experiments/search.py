@@ -7,7 +7,11 @@ Per seed: the full table once; OptEmbed's supernet and PEP's thresholded table o
 then per budget (a fraction of the full table's bytes, counted with the sparse optimizer's state)
 OptEmbed's evolutionary width search under the budget and a fresh retrain of the found rows and
 widths, PEP's pruning to the budget and a rewound retrain, MDE sized by `solve_budget`, and DNIS's
-dimensions pruned to the budget and fine-tuned (``--methods`` picks; DNIS only when asked). Every
+dimensions pruned to the budget and fine-tuned (``--methods`` picks; DNIS only when asked), and,
+when asked, the VLDB benchmark's staged methods: DeepLight (pruned while training, per budget),
+Dedup (the full table's near-duplicate blocks merged to each budget, fine-tuned), AutoSrh (group x
+dimension weights, pruned to each budget, retrained) and AutoDim (a width mixture, the chosen
+widths retrained; budgets below every table at width 4 are unreachable). Every
 cell reports test AUC, bytes as allocated, rows pruned, widths per table, search and retrain
 seconds; OptEmbed and PEP also the test AUC of their int8 export. Prints a table of mean ± std over
 seeds and writes everything to ``<out>/result.json``.
@@ -15,6 +19,7 @@ seeds and writes everything to ``<out>/result.json``.
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from dataclasses import asdict, fields, replace
@@ -30,18 +35,22 @@ from torchmetrics.functional.classification import binary_auroc
 import embtab
 from data import CTRDataset, DatasetSplits, load_dataset, make_dataloader
 from embtab.budget import BudgetError, full_table_bytes, full_table_parameters, solve_budget, spec_cost
-from embtab.methods import DNIS, MDE, PEP, OptEmbed
+from embtab.methods import DNIS, MDE, PEP, AutoDim, AutoSrh, DeepLight, Dedup, OptEmbed
+from embtab.methods.autodim import fit_widths, retrain_method
+from embtab.methods.dedup import DedupMethod
 from embtab.methods.pep import PEPMethod
 from embtab.search import EvolutionConfig, evolve
+from embtab.search.dedup import deduplicate, merged_weights
 from embtab.search import export as ex
-from embtab.search.sparse import csr_bytes, csr_charge, csr_export, csr_parameters, csr_shift
+from embtab.search.sparse import csr_bytes, csr_charge, csr_export, csr_parameters, csr_shift, csr_sparsity
+from embtab.fused_state import table_parameters
 from embtab.shard import embedding_tables_of, physical_weights
 from experiments.common import parser, write_json
 from experiments.ctr import SECTIONS, load_config, train_config
 from experiments.trainer import TrainConfig, Trainer
 from models import build_model
 
-METHOD_NAMES = ("full", "optembed", "pep", "mde", "dnis")
+METHOD_NAMES = ("full", "optembed", "pep", "mde", "dnis", "deeplight", "dedup", "autosrh", "autodim")
 
 
 class Run:
@@ -90,11 +99,13 @@ class Run:
         stage: bool = False,
         model: nn.Module | None = None,
         on_epoch: Callable[[Trainer], None] | None = None,
+        config: TrainConfig | None = None,
     ) -> tuple[Trainer, dict[str, Any], float]:
-        """Train a model on `tables` (or `model`), with the search-stage settings when `stage`;
-        `on_epoch` sees the trainer after every epoch. The trainer, its result and the seconds."""
+        """Train a model on `tables` (or `model`), with the search-stage settings when `stage`
+        (or `config`); `on_epoch` sees the trainer after every epoch. The trainer, its result and
+        the seconds."""
         start = time.perf_counter()
-        config = self.stage_train if stage else self.train
+        config = config or (self.stage_train if stage else self.train)
         trainer = _Trainer(model or self.model(tables), self.splits, config, self.out / name, on_epoch=on_epoch)
         result = trainer.fit()
         return trainer, result, time.perf_counter() - start
@@ -293,9 +304,11 @@ def _nonzeros(plan: ex.TablePlan) -> int:
     return int((plan.values != 0).sum())  # type: ignore[union-attr]
 
 
-def _retrain_sparse(run: Run, label: str, budget: Fraction, plans: dict[str, ex.TablePlan]) -> dict[str, Any]:
+def _retrain_sparse(
+    run: Run, label: str, budget: Fraction, plans: dict[str, ex.TablePlan], dense_from: Trainer | None = None
+) -> dict[str, Any]:
     """Retrain an element-sparse plan (zeros frozen), then charge it its real CSR export."""
-    cell = _retrain(run, label, budget, plans)
+    cell = _retrain(run, label, budget, plans, dense_from=dense_from)
     parameters = sum(csr_parameters(p.keep.numel(), _nonzeros(p)) for p in plans.values())
     cell.update(
         train_bytes=cell["bytes"],
@@ -338,6 +351,174 @@ def run_dnis(run: Run, budgets: list[Fraction]) -> list[dict[str, Any]]:
         cell = _retrain(run, label, budget, ex.plans(tables, weights), dense_from=trainer)
         cells.append({**cell, **common})
     return cells
+
+
+def run_deeplight(run: Run, budgets: list[Fraction]) -> list[dict[str, Any]]:
+    """DeepLight, per budget: train with the table pruned gradually towards the share of zeros
+    whose CSR export fits the budget (the main [train] settings, the last state kept: the mask
+    moves while it trains; the schedule's keys from [search]), prune the smallest magnitudes left
+    until the export fits exactly, then fine-tune with the mask fixed and the dense network kept.
+    Bytes are the CSR export's."""
+    settings = run.settings(DeepLight)
+    shapes = [(t.cardinality, t.dim) for t in run.spec(embtab.FullTable()).tables()]
+    cells = []
+    for budget in budgets:
+        target = int(run.full_bytes * budget)
+        try:
+            sparsity = csr_sparsity(shapes, target)
+        except ValueError as error:
+            cells.append({"method": "deeplight", "budget": str(budget), "unreachable": str(error)})
+            continue
+        torch.manual_seed(run.train.seed)
+        tables = embtab.EmbeddingTables(run.spec(DeepLight(**{**settings, "sparsity": sparsity})))
+        config = replace(run.train, restore_best=False)
+        trainer, _, train_s = run.fit(tables, f"deeplight_train_{_tag(budget)}", config=config)
+        weights = physical_weights(trainer.model)
+        tables = embedding_tables_of(trainer.model)[0]
+        reached = sum(int((w == 0).sum()) for w in weights.values()) / run.full_parameters
+        with torch.no_grad():
+            margins = {n: m.margins(weights[n]) for n, m in tables.methods.items()}  # type: ignore[operator]
+        ex.set_shift(tables, csr_shift(margins, target))
+        cell = _retrain_sparse(run, "deeplight", budget, ex.plans(tables, weights), dense_from=trainer)
+        cells.append({**cell, "search_s": train_s, "search_epochs": len(trainer.state.history),
+                      "target_sparsity": sparsity, "learned_element_sparsity": reached})
+    return cells
+
+
+def run_dedup(run: Run, budgets: list[Fraction]) -> list[dict[str, Any]]:
+    """Dedup: train the full table once; per budget, size the stored blocks of each table
+    (`solve_budget`), merge its near-duplicate blocks down to them (`embtab.search.dedup`), and
+    fine-tune the merged tables with the trained dense network kept (tables left full keep their
+    trained rows)."""
+    settings = run.settings(Dedup)
+    torch.manual_seed(run.train.seed)
+    trainer, _, full_s = run.fit(embtab.EmbeddingTables(run.spec(embtab.FullTable())), "dedup_full")
+    weights = physical_weights(trainer.model)
+    cells = []
+    for budget in budgets:
+        start = time.perf_counter()
+        try:
+            min_fill = float(run.search.get("dedup_min_fill", 0.5))  # blocks move in steps of block_rows
+            fit = solve_budget(run.spec(Dedup(**settings)), int(run.full_bytes * budget), run.optimizer, min_fill=min_fill)
+            tables, merges = _deduplicated(fit.spec, weights)
+        except ValueError as error:  # a BudgetError, or too few duplicates without `relax`
+            cells.append({"method": "dedup", "budget": str(budget), "unreachable": str(error)})
+            continue
+        dedup_s = time.perf_counter() - start
+        model = run.model(tables)
+        _load_dense(model, trainer.model.module)
+        _, result, seconds = run.fit(tables, f"dedup_{_tag(budget)}", model=model)
+        cell = _cell("dedup", str(budget), result, run.full_bytes, fit.bytes, retrain_s=seconds)
+        cells.append({**cell, "parameters": fit.cost.parameters, "parameter_ratio": fit.parameter_ratio,
+                      "search_s": full_s + dedup_s, "dedup_s": dedup_s, "merges": merges,
+                      "duplicates": sum(m["duplicates"] for m in merges.values()),
+                      "relaxed_merges": sum(m["relaxed"] for m in merges.values())})
+    return cells
+
+
+def run_autosrh(run: Run, budgets: list[Fraction]) -> list[dict[str, Any]]:
+    """AutoSrh: train the table with its frequency-group x dimension weights (groups from the
+    training counts; the main [train] settings, the last state kept), then prune the smallest
+    ``|e * alpha|`` (none beyond the weights clipped to 0 for "autosrh (learned)"; until the CSR
+    export fits each budget for "autosrh"), fold the weights into the kept values and retrain them
+    with the mask fixed and the dense network kept. Bytes are the CSR export's."""
+    torch.manual_seed(run.train.seed)
+    tables = embtab.EmbeddingTables(run.spec(AutoSrh(**run.settings(AutoSrh))))
+    counts = run.splits.id_counts()
+    for name, method in tables.methods.items():
+        method.set_groups(counts[name])  # type: ignore[operator]
+    config = replace(run.train, restore_best=False)
+    trainer, _, search_s = run.fit(tables, "autosrh_search", config=config)
+    weights = physical_weights(trainer.model)
+    tables = embedding_tables_of(trainer.model)[0]
+    alphas = {n: m.alpha.detach() for n, m in tables.methods.items()}  # type: ignore[union-attr]
+    common = {
+        "search_s": search_s,
+        "search_epochs": len(trainer.state.history),
+        "threshold_moved": max(float((a - 1).abs().max()) for a in alphas.values()),  # from their initial 1
+        "alpha_zero_share": sum(int((a == 0).sum()) for a in alphas.values()) / sum(a.numel() for a in alphas.values()),
+    }
+    cells = []
+    for budget in [None, *budgets]:
+        shift = 0.0
+        if budget is not None:
+            with torch.no_grad():
+                margins = {n: m.margins(weights[n]) for n, m in tables.methods.items()}  # type: ignore[operator]
+            try:
+                shift = csr_shift(margins, int(run.full_bytes * budget))
+            except ValueError as error:
+                cells.append({"method": "autosrh", "budget": str(budget), "unreachable": str(error)})
+                continue
+        ex.set_shift(tables, shift)
+        label = "autosrh" if budget is not None else "autosrh (learned)"
+        cell = _retrain_sparse(run, label, budget, ex.plans(tables, weights), dense_from=trainer)  # type: ignore[arg-type]
+        cells.append({**cell, **common})
+    return cells
+
+
+def run_autodim(run: Run, budgets: list[Fraction]) -> list[dict[str, Any]]:
+    """AutoDim: train the candidate tables and their Gumbel-softmax mixture, then retrain from
+    scratch each table at its chosen width ("autodim (learned)": the largest weight; "autodim":
+    the most likely widths that fit each budget, refused below every table at its narrowest)."""
+    settings = run.settings(AutoDim)
+    torch.manual_seed(run.train.seed)
+    trainer, _, search_s = run.fit(embtab.EmbeddingTables(run.spec(AutoDim(**settings))), "autodim_search")
+    tables = embedding_tables_of(trainer.model)[0]
+    preferences = {n: (m.widths, m.alpha.detach().clone()) for n, m in tables.methods.items()}  # type: ignore[union-attr]
+    logical = {t.name: t for t in run.spec(embtab.FullTable()).tables()}
+
+    @functools.cache
+    def cost(name: str, width: int) -> int:
+        alone = embtab.EmbeddingSpec(features=logical[name].features, dim=run.dim, method=retrain_method(width))
+        return spec_cost(alone, run.optimizer).bytes
+
+    common = {"search_s": search_s, "search_epochs": len(trainer.state.history),
+              "alphas": {n: a.tolist() for n, (_, a) in preferences.items()}}
+    cells = []
+    for budget in [None, *budgets]:
+        label = "autodim" if budget is not None else "autodim (learned)"
+        if budget is None:
+            widths = {n: m.chosen_width() for n, m in tables.methods.items()}  # type: ignore[union-attr,operator]
+        else:
+            try:
+                run.solved(AutoDim(**settings), budget)
+                widths = fit_widths(preferences, cost, int(run.full_bytes * budget))
+            except BudgetError as error:
+                reason = (f"budget {error.budget} bytes is below AutoDim's smallest result, every table at its "
+                          f"narrowest candidate width with its projection: {error.nearest} bytes")
+                cells.append({"method": label, "budget": str(budget), "unreachable": reason})
+                continue
+        spec = embtab.EmbeddingSpec(features=run.features, dim=run.dim, method=embtab.FullTable(),
+                                    table_methods=tuple((n, retrain_method(w)) for n, w in widths.items()))
+        torch.manual_seed(run.train.seed)
+        _, result, seconds = run.fit(embtab.EmbeddingTables(spec), f"{label.replace(' ', '_')}_{_tag(budget)}")
+        spent = spec_cost(spec, run.optimizer)
+        cell = _cell(label, _budget_text(budget), result, run.full_bytes, spent.bytes, widths=widths, retrain_s=seconds)
+        cells.append({**cell, **common, "parameters": spent.parameters,
+                      "parameter_ratio": spent.parameters / run.full_parameters})
+    return cells
+
+
+def _deduplicated(
+    spec: embtab.EmbeddingSpec, weights: dict[str, torch.Tensor]
+) -> tuple[embtab.EmbeddingTables, dict[str, dict[str, int]]]:
+    """Tables of `spec` holding the trained `weights` (by table name): each Dedup table its
+    merged blocks and block map, each other table its trained rows; and the merges per table."""
+    tables = embtab.EmbeddingTables(spec)
+    parameters = table_parameters(tables)
+    merges = {}
+    with torch.no_grad():
+        for name, method in tables.methods.items():
+            physical = method.physical_tables[0].name
+            if not isinstance(method, DedupMethod):
+                parameters[physical].copy_(weights[name])
+                continue
+            table_spec = spec.method_of(name)
+            plan = deduplicate(weights[name], table_spec)  # type: ignore[arg-type]
+            method.set_block_map(plan.block_map)
+            parameters[physical].copy_(merged_weights(weights[name], plan, method.block_rows))
+            merges[name] = {"blocks": int(plan.kept.numel()), "duplicates": plan.duplicates, "relaxed": plan.relaxed}
+    return tables, merges
 
 
 def _element_sparsity(table_plans: dict[str, ex.TablePlan], run: Run) -> float:
@@ -504,7 +685,8 @@ def main() -> None:
     budgets = [Fraction(b) for b in args.budgets]
     base_seed = train_config(config.get("train", {})).seed
     out = Path(args.out)
-    runners = {"full": run_full, "optembed": run_optembed, "pep": run_pep, "mde": run_mde, "dnis": run_dnis}
+    runners = {"full": run_full, "optembed": run_optembed, "pep": run_pep, "mde": run_mde, "dnis": run_dnis,
+               "deeplight": run_deeplight, "dedup": run_dedup, "autosrh": run_autosrh, "autodim": run_autodim}
     cells = []
     for offset in range(args.seeds):
         run = Run(config, base_seed + offset, out / f"seed{base_seed + offset}")

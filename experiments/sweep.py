@@ -5,7 +5,8 @@
 Methods: every registered method with a size knob or fixed bytes (each sized per table by
 `embtab.budget`), MDE, the hot-id variants (``hashing_trick+hot``, ``multi_hash+hot``: each table's
 hottest training ids, ``--hot-share`` of its rows, get exclusive rows and the rest hash, as the
-VLDB benchmark's AdaptEmb), and the learned-size methods ``optembed``, ``pep`` and ``dnis``, whose
+VLDB benchmark's AdaptEmb), and the learned-size and staged methods ``optembed``, ``pep``, ``dnis``,
+``deeplight``, ``dedup``, ``autosrh`` and ``autodim``, whose
 stages (search, budget fit, retrain) run inside one cell per seed (`experiments.search`) and give
 two kinds of rows: the method's own learned result (``optembed (learned)``: no budget shift) and
 its budget-fitted variant (``optembed``). Every model trains with the protocol of
@@ -58,7 +59,7 @@ from experiments.ctr import SECTIONS, load_config, run
 from experiments.trainer import BEST, CHECKPOINT
 
 DEFAULT_BUDGETS = ("1", "1/2", "1/4", "1/16", "1/64", "1/256")
-LEARNED = ("optembed", "pep", "dnis")
+LEARNED = ("optembed", "pep", "dnis", "deeplight", "dedup", "autosrh", "autodim")
 HOT = "+hot"
 HOT_METHODS = ("hashing_trick", "multi_hash")
 RESULT = "cell.json"
@@ -66,6 +67,7 @@ ALL_BUDGETS = "all"
 DETAILS = (
     "threshold_moved", "learned_rows_pruned", "learned_element_sparsity", "element_sparsity", "rows_pruned",
     "search_s", "search_epochs", "reached_at_epoch", "int8_test_auc", "export_csr_bytes", "train_bytes",
+    "target_sparsity", "duplicates", "relaxed_merges",
 )
 
 
@@ -253,7 +255,9 @@ def _learned_rows(
     config["train"] = {**config.get("train", {}), "threads": threads}
     fractions = [Budget(b).fraction for b in budgets if Budget(b).kind == "bytes" and Budget(b).fraction is not None]
     runner = search.Run(config, cell.seed, folder)
-    produced = {"optembed": search.run_optembed, "pep": search.run_pep, "dnis": search.run_dnis}[cell.method](
+    produced = {"optembed": search.run_optembed, "pep": search.run_pep, "dnis": search.run_dnis,
+                "deeplight": search.run_deeplight, "dedup": search.run_dedup, "autosrh": search.run_autosrh,
+                "autodim": search.run_autodim}[cell.method](
         runner, [f for f in fractions if f < 1]  # type: ignore[misc]
     )
     rows = []

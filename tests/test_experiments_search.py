@@ -131,3 +131,32 @@ def test_pep_learned_sparsity_reaches_its_target_and_snapshots_there(tmp_path):
     trajectory = [t["csr_bytes"] for t in learned["sparsity_trajectory"]]
     assert trajectory[-1] <= run.full_bytes // 2 < dense and learned["threshold_moved"] > 0.1
     assert learned["bytes"] == learned["export_csr_bytes"]
+
+
+def test_deeplight_dedup_autosrh_and_autodim_stages_land_in_the_budget(tmp_path, monkeypatch):
+    path = tmp_path / "search.toml"
+    path.write_text(CONFIG)
+    out = tmp_path / "out"
+    argv = ["search", "--config", str(path), "--methods", "full", "deeplight", "dedup", "autosrh", "autodim", "--budgets", "1/4", "3/4",
+            "--seeds", "1", "--out", str(out), "--set", "search.block_rows=20", "--set", "search.prune_every=2",
+            "--set", "search.damping_steps=0.5", "--set", "search.alpha_lr=0.05", "--set", "search.l1=0.01"]
+    monkeypatch.setattr(sys, "argv", argv)
+    main()
+    saved = json.loads((out / "result.json").read_text())["cells"]
+    cells = {c["method"]: c for c in saved if c["budget"] in ("1", "1/4", "learned")}
+    budget = cells["full"]["bytes"] // 4
+    deeplight, dedup = cells["deeplight"], cells["dedup"]
+    assert deeplight["bytes"] == deeplight["export_csr_bytes"] <= deeplight["budget_bytes"] == budget
+    assert 0 < deeplight["learned_element_sparsity"] <= deeplight["target_sparsity"] < 1  # pruned while training
+    assert deeplight["element_sparsity"] >= deeplight["target_sparsity"] - 0.01
+    assert 0.5 * budget <= dedup["bytes"] <= dedup["budget_bytes"] == budget
+    assert dedup["duplicates"] + dedup["relaxed_merges"] == sum(20 - m["blocks"] for m in dedup["merges"].values())
+    assert dedup["test_auc"] > 0.5 and deeplight["test_auc"] > 0.5
+    autosrh, learned = cells["autosrh"], cells["autosrh (learned)"]
+    assert autosrh["bytes"] == autosrh["export_csr_bytes"] <= autosrh["budget_bytes"] == budget
+    assert autosrh["threshold_moved"] > 0 and learned["budget"] == "learned"
+    # AutoDim at width 8: 1/4 is below every table at width 4 (20 of 36 bytes a row); 3/4 fits
+    assert "below AutoDim's smallest result, every table at its narrowest" in cells["autodim"]["unreachable"]
+    half = next(c for c in saved if c["method"] == "autodim" and c["budget"] == "3/4")
+    assert half["bytes"] <= half["budget_bytes"] and set(half["widths"].values()) <= {4, 8}
+    assert set(cells["autodim (learned)"]["widths"].values()) <= {4, 8}

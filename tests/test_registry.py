@@ -71,7 +71,7 @@ def test_views_are_the_registry_by_kind():
     ]
     assert kind_of("pep") is MethodKind.LEARNED_SIZE and kind_of("offloaded") is MethodKind.PLACEMENT
     learned = {n for n, c in methods_of_kind().items() if issubclass(c, LearnedSizeSpec)}
-    assert learned == {"optembed", "pep", "dnis"} == set(methods_of_kind(MethodKind.LEARNED_SIZE))
+    assert learned == {"optembed", "pep", "dnis", "deeplight", "autosrh", "autodim"} == set(methods_of_kind(MethodKind.LEARNED_SIZE))
 
 
 def test_unknown_names_and_duplicates_are_rejected():

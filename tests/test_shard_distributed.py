@@ -15,7 +15,7 @@ from torchrec.models.dlrm import DLRM
 import embtab
 from embtab.config import EmbeddingSpec, FeatureSpec
 from embtab.fused_state import attach_row_reset
-from embtab.methods import DHE, DNIS, DPQ, MDE, MGQE, PEP, ROBE, OptEmbed, TTRec
+from embtab.methods import DHE, DNIS, DPQ, MDE, MGQE, PEP, ROBE, AutoDim, AutoSrh, DeepLight, Dedup, OptEmbed, TTRec
 from embtab.methods.managed_collision import ManagedCollision
 from embtab.methods.multi_hash import MultiHash
 from embtab.methods.hashing_trick import HashingTrick
@@ -59,6 +59,11 @@ METHODS = {
     "tt_rec": {"method": TTRec(rank=2)},
     "robe": {"method": ROBE(rows=32)},
     "dpq": {"method": DPQ(parts=4, codewords=8)},
+    # prunes a quarter of every table before the step's lookup: a threshold over all its shards
+    "deeplight": {"method": DeepLight(sparsity=0.5, prune_every=1, damping=0.5, damping_steps=1.0)},
+    "dedup": {"method": Dedup(blocks=3, block_rows=8)},  # blocks 0..4 of 8 ids read stored blocks j % 3
+    "autosrh": {"method": AutoSrh(groups=1, alpha_lr=0.1, l1=1e-2)},  # alpha steps in the backward, like PEP's s
+    "autodim": {"method": AutoDim(alpha_lr=0.1)},
     "mgqe": {"method": MGQE(parts=4, codewords=8, rare_codewords=2, hot_ids=(1, 2, 3))},
     # no table for user and city, fused tables for the rest; batch norm would see local batches
     "dhe": {
@@ -66,9 +71,10 @@ METHODS = {
         "table_methods": (("tag", HashingTrick(rows=24)), ("item", QREmbedding(collisions=6))),
     },
 }
-# OptEmbed samples a random width per id in training; these compare at the evaluation width (the
-# thresholds still train through the straight-through estimator and their own optimizer).
-EVAL_MODE = {"optembed"}
+# OptEmbed samples a random width per id in training, AutoDim Gumbel noise per step (and batch
+# statistics); these compare in eval mode (thresholds and mixture logits still train on their own
+# optimizers).
+EVAL_MODE = {"optembed", "autodim"}
 
 
 def _spec(method: str) -> EmbeddingSpec:

@@ -26,6 +26,10 @@ from embtab.methods.robe import ROBE
 from embtab.methods.dhe import DHE
 from embtab.methods.dpq import DPQ
 from embtab.methods.mgqe import MGQE
+from embtab.methods.deeplight import DeepLight
+from embtab.methods.dedup import Dedup
+from embtab.methods.autosrh import AutoSrh
+from embtab.methods.autodim import AutoDim
 from embtab.registry import MethodKind, method_from_dict, methods_of_kind, register_method
 
 # Compression methods: every generic budget test and sweep takes them.
@@ -43,6 +47,10 @@ PLACEMENT_METHODS: dict[str, type[MethodSpec]] = methods_of_kind(MethodKind.PLAC
 
 __all__ = [
     "DHE",
+    "DeepLight",
+    "Dedup",
+    "AutoSrh",
+    "AutoDim",
     "DNIS",
     "DPQ",
     "MGQE",

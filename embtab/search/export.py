@@ -161,7 +161,7 @@ def plans(tables: EmbeddingTables, weights: Mapping[str, torch.Tensor]) -> dict[
         physical = _physical(method, weights)
         rows = torch.cat(
             [
-                method.combine([w[start : start + CHUNK_ROWS] for w in physical])
+                _combine_rows(method, [w[start : start + CHUNK_ROWS] for w in physical], start)
                 for start in range(0, method.table.cardinality, CHUNK_ROWS)
             ]
         )
@@ -171,6 +171,15 @@ def plans(tables: EmbeddingTables, weights: Mapping[str, torch.Tensor]) -> dict[
         columns = _pad_columns(nonzero.any(0))
         out[name] = TablePlan(keep, columns, rows[keep][:, columns])
     return out
+
+
+def _combine_rows(method: MaskedMethod, rows: list[torch.Tensor], first: int) -> torch.Tensor:
+    """`method`'s output for consecutive rows of its tables from id `first` on (with those ids
+    for a combine that uses them: AutoSrh's frequency groups)."""
+    if not method.combine_uses_ids:
+        return method.combine(rows)
+    ids = torch.arange(first, first + rows[0].shape[0], device=rows[0].device)
+    return method.combine(rows, ids)  # type: ignore[call-arg]
 
 
 def _pad_columns(used: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ arrays counted as auxiliary parameters).
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 
@@ -69,3 +69,21 @@ def csr_shift(margins: Mapping[str, torch.Tensor], budget: int) -> float:
     if positive.numel() <= room:
         return 0.0
     return float(torch.topk(positive, room + 1).values[-1]) if room >= 0 else float(positive.max())
+
+
+def csr_sparsity(shapes: Sequence[tuple[int, int]], budget: int) -> float:
+    """The smallest share of zeros, the same for every table (`shapes`: each table's ``(rows,
+    dim)``), at which the tables' CSR exports fit `budget` bytes (DeepLight's target).
+
+    Raises:
+        ValueError: even with no element kept the row pointers exceed the budget.
+    """
+    pointers = sum(csr_charge(rows, 0) for rows, _ in shapes)
+    if pointers > budget:
+        raise ValueError(
+            f"budget {budget} bytes is below the row pointers of the CSR export ({pointers} bytes); "
+            f"expected a budget >= {pointers}"
+        )
+    elements = sum(rows * dim for rows, dim in shapes)
+    room = (budget - pointers) // (VALUE_BYTES + INDEX_BYTES)
+    return max(0.0, 1.0 - room / elements)
