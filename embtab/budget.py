@@ -643,7 +643,7 @@ def _learned(
     smallest = _with_method(spec, method.floor_method())
     floor = spec_cost(smallest, optimizer).measured(measure)
     if budget < floor:
-        raise _below_minimum(method, budget, floor, "no row kept", unit)
+        raise _below_minimum(method, budget, floor, type(method).floor_description, unit)
     counted = optimizer.kind if measure == "bytes" else ""
     training = fit(_with_method(spec, method.with_budget(budget, counted)))
     return replace(training, bytes=budget)

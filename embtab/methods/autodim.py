@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, ClassVar, Mapping
 
 import torch
 from torch import nn
@@ -99,6 +99,8 @@ class AutoDim(LearnedSizeSpec):
                 f"got alpha_lr={self.alpha_lr}, temperature_decay={self.temperature_decay}"
             )
         return AutoDimMethod(table, self, widths)
+
+    floor_description: ClassVar[str] = "every table at its narrowest candidate width"
 
     def floor_method(self) -> MethodSpec:
         """The smallest result: every table at the narrowest width (4) with its projection."""

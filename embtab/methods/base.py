@@ -161,10 +161,11 @@ class LearnedSizeSpec(MethodSpec, ABC):
     budget_field: ClassVar[str] = "budget_bytes"
     budget_bytes: int
     budget_optimizer: str
+    floor_description: ClassVar[str] = "no row kept"
 
     @abstractmethod
     def floor_method(self) -> MethodSpec:
-        """The smallest export (no row kept, the narrowest width)."""
+        """The smallest export (`floor_description`: no row kept, the narrowest width)."""
 
     def with_budget(self: LearnedT, budget_bytes: int, optimizer_kind: str) -> LearnedT:
         """This spec asking its export to fit `budget_bytes` counted under `optimizer_kind`."""

@@ -161,5 +161,5 @@ def _optimizer_state(stored: StoredTable) -> torch.Tensor:
             f"{stored.key!r}: offloading supports one optimizer state tensor per table, found {len(tensors)}"
         )
     if not tensors:
-        return torch.zeros(stored.weight.size(0), 0)
+        return torch.zeros(whole_local(stored.weight, "offloaded tables").shape[0], 0)
     return tensors[0]

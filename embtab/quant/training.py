@@ -26,10 +26,11 @@ import math
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 from embtab.collection import EmbeddingTables
 from embtab.config import SparseOptimizer
+from embtab.fused_state import StoredTable, stored_tables_of, whole_local
+from embtab.optimizers import optimizer_kind
 from embtab.quant.rows import RowRecorder, TouchedRows
 from embtab.quant.spec import LowPrecision
 
@@ -109,11 +110,12 @@ def fp32_update(touched: TouchedRows, optimizer: SparseOptimizer, state: torch.T
     """The touched rows after the fused optimizer's update, computed in fp32 as fbgemm's CPU kernel
     does, given the rows' optimizer `state` after the update (fp32; None for SGD). torchrec leaves
     fbgemm's ``weight_decay_mode`` at NONE, so the kernel applies no weight decay, nor does this."""
-    if optimizer.kind == "sgd":
+    states = optimizer_kind(optimizer.kind).states
+    if not states:
         return touched.before - optimizer.lr * touched.grad
     if state is None:
         raise ValueError(f"table {touched.table!r}: {optimizer.kind} needs its optimizer state")
-    scale = state.unsqueeze(1) if optimizer.kind == "rowwise_adagrad" else state
+    scale = state.unsqueeze(1) if states[0].per == "row" else state
     return touched.before - optimizer.lr * touched.grad / (scale.sqrt() + optimizer.eps)
 
 
@@ -221,34 +223,19 @@ def watched_collections(tables: EmbeddingTables, watched: set[str]) -> list[tupl
     return out
 
 
-def _whole(tensor: torch.Tensor, what: str) -> torch.Tensor:
-    if isinstance(tensor, ShardedTensor):
-        shards = tensor.local_shards()
-        if len(shards) != 1 or tuple(shards[0].tensor.shape) != tuple(tensor.size()):
-            raise ValueError(
-                f"{what} is split over ranks; stochastic fp16 rounding and quantization-aware "
-                "training need each table whole on one process (train on one process, or use "
-                "fp16_rounding='nearest' without QAT)"
-            )
-        return shards[0].tensor
-    return tensor
+def _row_state(stored: StoredTable, optimizer: SparseOptimizer) -> torch.Tensor | None:
+    """The table's first optimizer state tensor (what `fp32_update` reads), whole on this process."""
+    states = optimizer_kind(optimizer.kind).states
+    if not states:
+        return None
+    named = [v for k, v in stored.states.items() if k.rsplit(".", 1)[-1] == states[0].name]
+    return whole_local(named[0], f"optimizer state of {stored.name!r}") if named else None
 
 
 def attach(dmp: nn.Module, optimizer: SparseOptimizer) -> list[LowPrecisionTraining]:
     """Start low-precision training on every `EmbeddingTables` of a fused model that needs it."""
-    state = dmp.state_dict()
-    weights = {
-        key.split(".")[-2]: value
-        for key, value in state.items()
-        if key.endswith(".weight") and (".embedding_bags." in key or ".embeddings." in key)
-    }
-    sparse = dmp.fused_optimizer.state_dict()["state"] if hasattr(dmp, "fused_optimizer") else {}
-    momentum = {
-        name.rsplit(".", 1)[0]: value for per_param in sparse.values() for name, value in per_param.items()
-        if name.endswith(".momentum1")
-    }
     out = []
-    for tables in (m for m in dmp.modules() if isinstance(m, EmbeddingTables)):
+    for tables, stored in stored_tables_of(dmp):
         settings: LowPrecision = tables.spec.low_precision
         physical = tables.physical_tables
         needs = settings.qat is not None or (
@@ -261,7 +248,8 @@ def attach(dmp: nn.Module, optimizer: SparseOptimizer) -> list[LowPrecisionTrain
                 "stochastic fp16 rounding and quantization-aware training run on one process; "
                 "train on one process, or use fp16_rounding='nearest' without QAT"
             )
-        own = {n: _whole(weights[n], f"table {n!r}") for n in physical if n in weights}
-        own_momentum = {n: _whole(momentum[n], f"optimizer state of {n!r}") for n in physical if n in momentum}
-        out.append(LowPrecisionTraining(tables, own, own_momentum, optimizer))
+        own = {n: whole_local(stored[n].weight, f"table {n!r}") for n in physical if n in stored}
+        states = {n: _row_state(stored[n], optimizer) for n in physical if n in stored}
+        own_state = {n: state for n, state in states.items() if state is not None}
+        out.append(LowPrecisionTraining(tables, own, own_state, optimizer))
     return out
