@@ -9,6 +9,7 @@ import torch
 from torchrec import KeyedJaggedTensor
 
 import embtab
+from embtab.methods.base import SizedSpec
 from embtab.budget import (
     AboveMaximum, BelowMinimum, BudgetError, budget_range, compression_ratio, full_table_bytes, solve_budget, spec_bytes,
 )
@@ -32,14 +33,13 @@ OPTIMIZER = embtab.SparseOptimizer("rowwise_adagrad", lr=0.1)
 def method_spec(name: str) -> embtab.MethodSpec:
     cls = METHODS[name]
     kwargs = dict(REQUIRED.get(name, {}))
-    field = getattr(cls, "size_field", None)
-    if field:
-        kwargs[field] = 1  # a placeholder: the solver replaces it
+    if has_knob(name):
+        kwargs[cls.size_field] = 1  # a placeholder: the solver replaces it
     return cls(**kwargs)
 
 
 def has_knob(name: str) -> bool:
-    return bool(getattr(METHODS[name], "size_field", None))
+    return issubclass(METHODS[name], SizedSpec)
 
 
 def fused_bytes(spec: embtab.EmbeddingSpec, optimizer: embtab.SparseOptimizer) -> tuple[int, object]:

@@ -30,6 +30,7 @@ from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
 import embtab
+from embtab.methods.base import SizedSpec
 from embtab import CompressedEmbeddingBagCollection, CompressedEmbeddingCollection
 from embtab.methods import METHODS
 from embtab.methods.hashing_trick import HashingTrick
@@ -79,9 +80,10 @@ MODELS = {
 
 def method_spec(name: str) -> embtab.MethodSpec:
     """A registered method at a size that compresses these small tables."""
-    field = getattr(METHODS[name], "size_field", None)
-    size = {"qr": 4, "multiplex": 48}.get(name, 16)
-    return METHODS[name](**({field: size} if field else {}))
+    cls = METHODS[name]
+    if not issubclass(cls, SizedSpec):
+        return cls()
+    return cls(**{cls.size_field: {"qr": 4, "multiplex": 48}.get(name, 16)})
 
 
 def batch(step: int) -> tuple[KeyedJaggedTensor, torch.Tensor, torch.Tensor]:
