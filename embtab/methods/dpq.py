@@ -165,7 +165,7 @@ class DPQMethod(BoundAfterFusing):
             for limit in allowed.unique().tolist():  # a few groups (MGQE: two), never single ids
                 members = torch.nonzero(allowed == limit).squeeze(1)
                 codes[:, members] = self._nearest(parts.index_select(1, members), limit)
-        return codes.t().index_select(0, inverse).reshape(*ids.shape, self.parts)
+        return codes.index_select(1, inverse).t().reshape(*ids.shape, self.parts)
 
     def _nearest(self, parts: torch.Tensor, limit: int) -> torch.Tensor:
         """Per part, the index of the nearest of the first `limit` codewords: ``[D, n]`` of
