@@ -411,16 +411,22 @@ def naive_step(spec: EmbeddingSpec, kind: str, lr: float, seed: int = 0) -> Step
 # Timing: contenders alternate within rounds, the same batches for each.
 
 
-def time_steps(step: Step, batches: Sequence[KeyedJaggedTensor]) -> float:
+#: Clocks a step can be timed by: wall time, or the process's CPU time (on a shared machine with
+#: ``--threads 1``, the time the step itself computed, whatever else runs).
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def time_steps(step: Step, batches: Sequence[KeyedJaggedTensor], clock: str = "wall") -> float:
     gc.collect()
-    start = time.perf_counter()
+    now = CLOCKS[clock]
+    start = now()
     for kjt in batches:
         step(kjt)
-    return time.perf_counter() - start
+    return now() - start
 
 
 def ab_rounds(
-    contenders: dict[str, Step], batches: Sequence[KeyedJaggedTensor], rounds: int
+    contenders: dict[str, Step], batches: Sequence[KeyedJaggedTensor], rounds: int, clock: str = "wall"
 ) -> dict[str, list[float]]:
     """Samples/s of every contender in each round; rounds alternate the order (ABC, CBA, ...)."""
     samples = sum(kjt.stride() for kjt in batches)
@@ -428,7 +434,7 @@ def ab_rounds(
     rates: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
-            rates[name].append(samples / time_steps(contenders[name], batches))
+            rates[name].append(samples / time_steps(contenders[name], batches, clock))
     return rates
 
 
@@ -467,7 +473,7 @@ def bench_method(
     timed = batches[args.warmup :]
     if name == "full":  # the reference against itself: ratio 1 by definition
         del contenders["method"]
-    rates = ab_rounds(contenders, timed, args.rounds)
+    rates = ab_rounds(contenders, timed, args.rounds, args.clock)
     rates.setdefault("method", rates["full"])
     vs_full = ratio(rates["method"], rates["full"])
     vs_naive = ratio(rates["method"], rates["naive"]) if has_naive else None
@@ -508,7 +514,7 @@ def bench_foundation(
         }
         for step in contenders.values():
             time_steps(step, batches[: args.warmup])
-        rates = ab_rounds(contenders, batches[args.warmup :], args.rounds)
+        rates = ab_rounds(contenders, batches[args.warmup :], args.rounds, args.clock)
         row = {name: statistics.median(r) for name, r in rates.items()}
         row["speedup"] = ratio(rates["embtab_full"], rates["naive_embeddingbag_loop"])
         results[kind] = row
@@ -536,6 +542,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds; the median is reported")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--clock",
+        default="wall",
+        choices=sorted(CLOCKS),
+        help="wall time, or process CPU time (with --threads 1: robust to other load on the machine)",
+    )
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--budget-fraction", type=int, default=BUDGET_FRACTION, help="budget = full bytes / this")
     p.add_argument(
