@@ -1,9 +1,10 @@
 """Training-step throughput of every embtab method against the full table and a naive PyTorch version.
 
 A Criteo-like batch (26 single-id fields, Zipf-distributed ids, batch 4096, width 16) goes through
-forward, backward and the optimizer update (fused into the backward for embtab). Each compression
-method is sized by `solve_budget` to 1/10 of the full table's bytes and timed three ways, in
-alternating rounds on the same pre-generated batches:
+forward, backward and the optimizer update (fused into the backward for embtab). Every method the
+registry holds as compression or export-compressed (`embtab.registry.methods_of_kind`: a newly
+registered method is benchmarked too) is sized by `solve_budget` to 1/10 of the full table's bytes
+and timed three ways, in alternating rounds on the same pre-generated batches:
 
 - the full table through embtab (the reference: ``ratio_to_full``),
 - the method through embtab (`embtab.fuse`, fbgemm's fused kernels and in-backward optimizer),
@@ -49,31 +50,32 @@ import embtab
 from embtab.budget import BudgetFit, budget_range, full_table_bytes, solve_budget
 from embtab.config import EmbeddingSpec, FeatureSpec, LogicalTable, MethodSpec, SparseOptimizer
 from embtab.hashing import hash_to_range, salt_of
-from embtab.methods import DHE, DPQ, MGQE, METHODS, ROBE, TTRec
+from embtab.methods.base import SizedSpec
 from embtab.methods.full import FullTable
 from embtab.methods.hashing_trick import HashingTrick
 from embtab.methods.managed_collision import ManagedCollision
+from embtab.methods.mgqe import MGQE
 from embtab.methods.multi_hash import MultiHash
 from embtab.methods.multiplex import Multiplexed
 from embtab.methods.qr import OPERATIONS, QREmbedding
+from embtab.registry import MethodKind, method_class, methods_of_kind
 from experiments.common import parser, write_json
 
-#: Minimum ratio to the full table's samples/s, per method (the issue's goals); None: no goal.
-GOALS_VS_FULL: dict[str, float | None] = {
-    "full": None,
+#: Minimum ratio to the full table's samples/s of the methods the issues set a goal for.
+GOALS_VS_FULL: dict[str, float] = {
     "hashing_trick": 0.85,
-    "multi_hash": None,
     "qr": 0.6,
     "multiplex": 0.85,
-    "managed_collision": None,
     "tt_rec": 0.5,
     "robe": 0.85,
     "dpq": 0.5,
     "mgqe": 0.5,
-    "dhe": None,
 }
-#: Benchmarked methods: the budget-sized ones and DPQ / MGQE (full-size training, no naive version).
-BENCH_METHODS: dict[str, type[MethodSpec]] = {**METHODS, DPQ.name: DPQ, MGQE.name: MGQE}
+#: Benchmarked kinds: every method that compresses a table at a configuration it is given (sized
+#: by the budget solver, or trained at its fixed size and compressed at export, as DPQ / MGQE).
+BENCH_KINDS = (MethodKind.COMPRESSION, MethodKind.EXPORT_COMPRESSED)
+#: The size knob's value in a template (the budget solver replaces it).
+PLACEHOLDER_SIZE = 64
 #: Every method must run at least this many times as fast as its naive version.
 GOAL_VS_NAIVE = 2.0
 BUDGET_FRACTION = 10  # budget = full table bytes // BUDGET_FRACTION
@@ -325,27 +327,28 @@ def base_spec(keys: Sequence[str], rows: int, dim: int) -> EmbeddingSpec:
     return EmbeddingSpec(features=tuple(FeatureSpec(k, rows) for k in keys), dim=dim)
 
 
+def bench_methods() -> dict[str, type[MethodSpec]]:
+    """The benchmarked methods, from the one registry (a newly registered method appears here)."""
+    return methods_of_kind(*BENCH_KINDS)
+
+
 def method_template(name: str, qr_operation: str = "mult", rows: int = 0) -> MethodSpec:
-    """Each method with its default parameters; `solve_budget` sets the size knob. MGQE's hot ids
-    are the 10% smallest of `rows` (the most frequent under `criteo_like_batches`' Zipf ranks)."""
-    templates: dict[str, MethodSpec] = {
-        "full": FullTable(),
-        "hashing_trick": HashingTrick(rows=1),
-        "multi_hash": MultiHash(rows=1),
-        "qr": QREmbedding(collisions=1, operation=qr_operation),
-        "multiplex": Multiplexed(rows=1),
-        "managed_collision": ManagedCollision(rows=2),
-        "tt_rec": TTRec(rank=1),
-        "robe": ROBE(rows=1),
-        "dpq": DPQ(),
-        "mgqe": MGQE(hot_ids=tuple(range(rows // 10))),
-        "dhe": DHE(),
-    }
-    if name not in templates:
-        raise ValueError(
-            f"no benchmark configuration for method {name!r}; expected one of {sorted(templates)}"
-        )
-    return templates[name]
+    """Registered method `name` with its default parameters and the size knob at a placeholder
+    (`solve_budget` sets it); QR uses `qr_operation`, and a method with frequent ids (MGQE's
+    ``hot_ids``) gets the 10% smallest of `rows` (the most frequent under
+    `criteo_like_batches`' Zipf ranks)."""
+    spec_class = method_class(name)
+    params: dict[str, Any] = {}
+    if issubclass(spec_class, SizedSpec):
+        params[spec_class.size_field] = PLACEHOLDER_SIZE
+    if issubclass(spec_class, QREmbedding):
+        params["operation"] = qr_operation
+    if issubclass(spec_class, MGQE):
+        params["hot_ids"] = tuple(range(rows // 10))
+    try:
+        return spec_class(**params)
+    except TypeError as error:  # a parameter without a default the benchmark does not know
+        raise ValueError(f"method {name!r}: no benchmark configuration from its defaults ({error})") from error
 
 
 def solve(
@@ -361,7 +364,7 @@ def solve(
     method = method_template(name, qr_operation, spec.features[0].cardinality)
     if name == "full":  # the reference itself: the full bytes, not the budget
         return solve_budget(spec, full_table_bytes(spec, optimizer), optimizer, method=method), MIN_FILL
-    if not getattr(type(method), "size_field", None):  # DPQ / MGQE: trained at their fixed size
+    if not isinstance(method, SizedSpec):  # DPQ / MGQE: trained at their fixed size
         fixed, _ = budget_range(spec, optimizer, method)
         return solve_budget(spec, fixed, optimizer, method=method), MIN_FILL
     try:
@@ -408,16 +411,22 @@ def naive_step(spec: EmbeddingSpec, kind: str, lr: float, seed: int = 0) -> Step
 # Timing: contenders alternate within rounds, the same batches for each.
 
 
-def time_steps(step: Step, batches: Sequence[KeyedJaggedTensor]) -> float:
+#: Clocks a step can be timed by: wall time, or the process's CPU time (on a shared machine with
+#: ``--threads 1``, the time the step itself computed, whatever else runs).
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def time_steps(step: Step, batches: Sequence[KeyedJaggedTensor], clock: str = "wall") -> float:
     gc.collect()
-    start = time.perf_counter()
+    now = CLOCKS[clock]
+    start = now()
     for kjt in batches:
         step(kjt)
-    return time.perf_counter() - start
+    return now() - start
 
 
 def ab_rounds(
-    contenders: dict[str, Step], batches: Sequence[KeyedJaggedTensor], rounds: int
+    contenders: dict[str, Step], batches: Sequence[KeyedJaggedTensor], rounds: int, clock: str = "wall"
 ) -> dict[str, list[float]]:
     """Samples/s of every contender in each round; rounds alternate the order (ABC, CBA, ...)."""
     samples = sum(kjt.stride() for kjt in batches)
@@ -425,7 +434,7 @@ def ab_rounds(
     rates: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
-            rates[name].append(samples / time_steps(contenders[name], batches))
+            rates[name].append(samples / time_steps(contenders[name], batches, clock))
     return rates
 
 
@@ -464,7 +473,7 @@ def bench_method(
     timed = batches[args.warmup :]
     if name == "full":  # the reference against itself: ratio 1 by definition
         del contenders["method"]
-    rates = ab_rounds(contenders, timed, args.rounds)
+    rates = ab_rounds(contenders, timed, args.rounds, args.clock)
     rates.setdefault("method", rates["full"])
     vs_full = ratio(rates["method"], rates["full"])
     vs_naive = ratio(rates["method"], rates["naive"]) if has_naive else None
@@ -505,7 +514,7 @@ def bench_foundation(
         }
         for step in contenders.values():
             time_steps(step, batches[: args.warmup])
-        rates = ab_rounds(contenders, batches[args.warmup :], args.rounds)
+        rates = ab_rounds(contenders, batches[args.warmup :], args.rounds, args.clock)
         row = {name: statistics.median(r) for name, r in rates.items()}
         row["speedup"] = ratio(rates["embtab_full"], rates["naive_embeddingbag_loop"])
         results[kind] = row
@@ -533,12 +542,18 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds; the median is reported")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--clock",
+        default="wall",
+        choices=sorted(CLOCKS),
+        help="wall time, or process CPU time (with --threads 1: robust to other load on the machine)",
+    )
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--budget-fraction", type=int, default=BUDGET_FRACTION, help="budget = full bytes / this")
     p.add_argument(
         "--methods",
-        default=",".join(m for m in BENCH_METHODS if m in GOALS_VS_FULL),
-        help="comma-separated registered methods (default: all)",
+        default=",".join(bench_methods()),
+        help="comma-separated registered methods (default: every compression method)",
     )
     p.add_argument("--optimizer", default="sgd", choices=sorted(NAIVE_OPTIMIZERS))
     p.add_argument("--qr-operation", default="mult", choices=OPERATIONS)
@@ -553,9 +568,10 @@ def make_parser() -> argparse.ArgumentParser:
 def run(args: Any) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     names = [m for m in args.methods.split(",") if m]
-    unknown = [m for m in names if m not in BENCH_METHODS]
+    known = bench_methods()
+    unknown = [m for m in names if m not in known]
     if unknown:
-        raise ValueError(f"unknown method {unknown[0]!r}; expected one of {sorted(BENCH_METHODS)}")
+        raise ValueError(f"unknown method {unknown[0]!r}; expected one of {sorted(known)}")
     batches = criteo_like_batches(args.fields, args.rows, args.batch, args.steps + args.warmup, seed=0)
     keys = batches[0].keys()
     spec = base_spec(keys, args.rows, args.dim)
@@ -585,7 +601,7 @@ def run(args: Any) -> dict[str, Any]:
     kinds = [k for k in args.foundation_kinds.split(",") if k]
     foundation = bench_foundation(keys, args, batches, kinds)
     full_rates = [x for row in methods.values() for x in row.get("rounds", {}).get("full", [])]
-    goals_vs_full = {n: g for n, g in GOALS_VS_FULL.items() if g is not None}
+    goals_vs_full = dict(GOALS_VS_FULL)
     payload = {
         "benchmark": "bench_methods",
         "config": vars(args),

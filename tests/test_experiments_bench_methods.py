@@ -96,3 +96,29 @@ def test_a_training_step_updates_the_same_rows_the_same_way(method):
     assert any(not torch.equal(before[n], after[n]) for n in after)
     for name, module in naive.model.tables.items():
         torch.testing.assert_close(module.weight.detach(), after[name], rtol=1e-5, atol=1e-7)
+
+
+def test_the_benchmarked_methods_are_the_registry_s():
+    from dataclasses import dataclass
+
+    from embtab.registry import MethodKind, methods_of_kind, register_method, unregister_method
+
+    @register_method(MethodKind.COMPRESSION)
+    @dataclass(frozen=True)
+    class BenchTestHashing(HashingTrick):
+        name = "bench_test_hashing"
+
+    try:
+        assert set(bm.bench_methods()) == set(
+            methods_of_kind(MethodKind.COMPRESSION, MethodKind.EXPORT_COMPRESSED)
+        )
+        assert "bench_test_hashing" in bm.make_parser().parse_args([]).methods.split(",")
+        template = bm.method_template("bench_test_hashing")
+        assert isinstance(template, BenchTestHashing) and template.rows == bm.PLACEHOLDER_SIZE
+    finally:
+        unregister_method("bench_test_hashing")
+    assert "bench_test_hashing" not in bm.bench_methods()
+    assert bm.method_template("mgqe", rows=50).hot_ids == tuple(range(5))
+    assert bm.method_template("qr", qr_operation="add").operation == "add"
+    with pytest.raises(ValueError, match="unknown embedding method 'nope'"):
+        bm.method_template("nope")

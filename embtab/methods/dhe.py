@@ -106,6 +106,10 @@ class DHEMethod(TableMethod):
         return ids.new_empty((0, ids.numel()), dtype=torch.int64)
 
     def combine(self, vectors: list[torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
-        codes = encode(ids.to(torch.int64), self.functions, self.buckets, self.salt)
-        flat = codes.reshape(-1, self.functions)
-        return self.mlp(flat).reshape(*ids.shape, self.table.dim)
+        """The MLP of every id's code. The code and the first layer (``k x hidden``, the bulk of
+        the work) depend on the id alone, so they run once per distinct id and are gathered back;
+        batch normalization and the later layers see every id, as in the paper."""
+        distinct, inverse = torch.unique(ids.reshape(-1).to(torch.int64), return_inverse=True)
+        first, rest = self.mlp[0], self.mlp[1:]
+        hidden = first(encode(distinct, self.functions, self.buckets, self.salt))
+        return rest(hidden.index_select(0, inverse)).reshape(*ids.shape, self.table.dim)

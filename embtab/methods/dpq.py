@@ -47,7 +47,7 @@ from embtab.registry import MethodKind, register_method
 if TYPE_CHECKING:
     from embtab.fused_state import FusedTables
 
-SEARCH_BLOCK = 8192  # distinct ids per block of the nearest-codeword search
+SEARCH_BLOCK = 1024  # distinct ids per block of the nearest-codeword search
 
 
 @register_method(MethodKind.EXPORT_COMPRESSED)
@@ -103,7 +103,8 @@ class SnapToCodewords(torch.autograd.Function):
         weight: torch.Tensor,
     ) -> torch.Tensor:
         flat = codes + torch.arange(codes.shape[-1], device=codes.device) * codebook.shape[1]
-        chosen = codebook.reshape(-1, codebook.shape[-1])[flat]
+        rows = codebook.reshape(-1, codebook.shape[-1]).index_select(0, flat.reshape(-1))
+        chosen = rows.view(*flat.shape, codebook.shape[-1])
         ctx.save_for_backward(parts, chosen, flat, weight)
         ctx.codebook_shape = codebook.shape
         return chosen
@@ -147,25 +148,38 @@ class DPQMethod(BoundAfterFusing):
     def assign(self, queries: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Codes ``[..., D]`` (int64) of queries ``[..., d]``: each part's nearest allowed codeword.
 
-        An id's query is the same wherever it occurs, so the search runs once per distinct id, in
-        blocks of `SEARCH_BLOCK` ids (``D x block x C`` distances at a time)."""
+        An id's query is the same wherever it occurs, so the search runs once per distinct id.
+        Ids that may use the same number of codewords (MGQE: hot and rare) are searched together,
+        over that prefix of the codebook only, in blocks of `SEARCH_BLOCK` ids (``D x block x C``
+        distances at a time, small enough to stay in cache)."""
         distinct, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
         positions = torch.arange(inverse.numel(), device=ids.device)
         first = torch.empty_like(distinct).scatter_(0, inverse, positions)  # one position of each
-        parts = queries.detach().reshape(-1, self.parts, self.part_dim)[first].transpose(0, 1)
+        flat_queries = queries.detach().reshape(-1, self.parts, self.part_dim)
+        parts = flat_queries.index_select(0, first).transpose(0, 1)  # [D, distinct, d/D]
         allowed = self.allowed(distinct)
-        codebook = self.codebook.detach()
-        norms = codebook.square().sum(-1).unsqueeze(1)  # [D, 1, C]
-        keys = codebook.transpose(1, 2)  # [D, d/D, C]
-        codes = torch.empty(self.parts, distinct.numel(), dtype=torch.int64, device=ids.device)
-        for start in range(0, distinct.numel(), SEARCH_BLOCK):  # blocks of ids, not single ids
+        if allowed is None:
+            codes = self._nearest(parts, self.codewords)
+        else:
+            codes = torch.empty(self.parts, distinct.numel(), dtype=torch.int64, device=ids.device)
+            for limit in allowed.unique().tolist():  # a few groups (MGQE: two), never single ids
+                members = torch.nonzero(allowed == limit).squeeze(1)
+                codes[:, members] = self._nearest(parts.index_select(1, members), limit)
+        return codes.index_select(1, inverse).t().reshape(*ids.shape, self.parts)
+
+    def _nearest(self, parts: torch.Tensor, limit: int) -> torch.Tensor:
+        """Per part, the index of the nearest of the first `limit` codewords: ``[D, n]`` of
+        ``parts`` ``[D, n, d/D]``. The distance up to the query's own norm, ``||k||^2 - 2 q.k``,
+        is one batched product of ``[q, 1]`` with ``[-2 k; ||k||^2]``."""
+        codebook = self.codebook.detach()[:, :limit]
+        keys = torch.cat([-2 * codebook, codebook.square().sum(-1, keepdim=True)], -1).transpose(1, 2)
+        ones = parts.new_ones(*parts.shape[:-1], 1)
+        augmented = torch.cat([parts, ones], -1)  # [D, n, d/D + 1]
+        codes = torch.empty(parts.shape[:2], dtype=torch.int64, device=parts.device)
+        for start in range(0, parts.shape[1], SEARCH_BLOCK):  # blocks of ids, not single ids
             block = slice(start, start + SEARCH_BLOCK)
-            distances = torch.baddbmm(norms, parts[:, block], keys, alpha=-2)  # ||k||^2 - 2 q.k
-            if allowed is not None:
-                too_far = torch.arange(self.codewords, device=ids.device) >= allowed[block].unsqueeze(-1)
-                distances = distances.masked_fill(too_far, float("inf"))
-            codes[:, block] = distances.argmin(-1)
-        return codes.t()[inverse].reshape(*ids.shape, self.parts)
+            codes[:, block] = torch.bmm(augmented[:, block], keys).argmin(-1)
+        return codes
 
     def combine(self, vectors: list[torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
         queries = vectors[0]

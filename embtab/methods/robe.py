@@ -137,18 +137,18 @@ class ROBEMethod(TableMethod):
             # the remap's offset (hash_to_range: the top 63 bits mod m), from the same 64-bit hash
             offset = torch.bitwise_right_shift(word, 1).bitwise_and_(2**63 - 1) % self.floats
             floats = torch.gather(window, -1, (offset % self.width).unsqueeze(-1) + positions)
-            signs = self._signs(word, ids, self.sign_salts[c], positions)
-            chunks.append(floats * signs.to(floats.dtype))
+            negated = self._negated(word, ids, self.sign_salts[c], positions)
+            chunks.append(floats * negated.to(floats.dtype).mul_(-2).add_(1))
         return chunks[0] if self.chunks == 1 else torch.cat(chunks, dim=-1)
 
     @staticmethod
-    def _signs(
+    def _negated(
         first: torch.Tensor, ids: torch.Tensor, salts: list[int], positions: torch.Tensor
     ) -> torch.Tensor:
-        """``[..., L]`` of +-1, -1 where float j is negated: bit ``63 - j % 32`` of hash word
+        """``[..., L]`` of 0/1, 1 where float j is negated: bit ``63 - j % 32`` of hash word
         ``j // 32`` (word 0 the offset's hash `first`, the others hashed with `salts`)."""
         words = first.unsqueeze(-1)
         if salts:
             words = torch.stack([first, *(hash64(ids, salt) for salt in salts)], dim=-1)
             words = words[..., positions // SIGN_BITS]
-        return 1 - 2 * (torch.bitwise_right_shift(words, 63 - positions % SIGN_BITS) & 1)
+        return torch.bitwise_right_shift(words, 63 - positions % SIGN_BITS) & 1
