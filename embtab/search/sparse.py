@@ -11,6 +11,7 @@ arrays counted as auxiliary parameters).
 
 from __future__ import annotations
 
+import warnings
 from typing import Mapping, Sequence
 
 import torch
@@ -30,7 +31,9 @@ def csr_export(rows: torch.Tensor) -> torch.Tensor:
     crow[1:] = torch.cumsum(nonzero.sum(1), 0).to(torch.int32)
     columns = nonzero.nonzero()[:, 1].to(torch.int32)
     values = rows[nonzero].to(torch.float32)
-    return torch.sparse_csr_tensor(crow, columns, values, size=tuple(rows.shape))
+    with warnings.catch_warnings():  # torch's notice that CSR support is in beta says nothing here
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+        return torch.sparse_csr_tensor(crow, columns, values, size=tuple(rows.shape), check_invariants=True)
 
 
 def csr_bytes(matrix: torch.Tensor) -> int:
