@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import gc
 import statistics
-import time
 from dataclasses import asdict
 from typing import Any, Callable, Sequence
 
@@ -47,7 +46,7 @@ from torchrec import JaggedTensor, KeyedJaggedTensor
 from torchrec.modules.mc_modules import LFU_EvictionPolicy, LRU_EvictionPolicy, MCHManagedCollisionModule
 
 import embtab
-from embtab.budget import BudgetFit, budget_range, full_table_bytes, solve_budget
+from embtab.budget import BudgetError, BudgetFit, budget_range, full_table_bytes, solve_budget
 from embtab.config import EmbeddingSpec, FeatureSpec, LogicalTable, MethodSpec, SparseOptimizer
 from embtab.hashing import hash_to_range, salt_of
 from embtab.methods.base import SizedSpec
@@ -60,6 +59,7 @@ from embtab.methods.multiplex import Multiplexed
 from embtab.methods.qr import OPERATIONS, QREmbedding
 from embtab.registry import MethodKind, method_class, methods_of_kind
 from experiments.common import parser, write_json
+from experiments.timing import CLOCKS, time_steps
 
 #: Minimum ratio to the full table's samples/s of the methods the issues set a goal for.
 GOALS_VS_FULL: dict[str, float] = {
@@ -369,7 +369,7 @@ def solve(
         return solve_budget(spec, fixed, optimizer, method=method), MIN_FILL
     try:
         return solve_budget(spec, budget, optimizer, method=method, min_fill=MIN_FILL), MIN_FILL
-    except ValueError:
+    except BudgetError:
         if name not in ("qr", "tt_rec"):
             raise
         fit = solve_budget(spec, budget, optimizer, method=method, min_fill=QR_FALLBACK_MIN_FILL)
@@ -411,20 +411,6 @@ def naive_step(spec: EmbeddingSpec, kind: str, lr: float, seed: int = 0) -> Step
 # Timing: contenders alternate within rounds, the same batches for each.
 
 
-#: Clocks a step can be timed by: wall time, or the process's CPU time (on a shared machine with
-#: ``--threads 1``, the time the step itself computed, whatever else runs).
-CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
-
-
-def time_steps(step: Step, batches: Sequence[KeyedJaggedTensor], clock: str = "wall") -> float:
-    gc.collect()
-    now = CLOCKS[clock]
-    start = now()
-    for kjt in batches:
-        step(kjt)
-    return now() - start
-
-
 def ab_rounds(
     contenders: dict[str, Step], batches: Sequence[KeyedJaggedTensor], rounds: int, clock: str = "wall"
 ) -> dict[str, list[float]]:
@@ -434,7 +420,7 @@ def ab_rounds(
     rates: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
-            rates[name].append(samples / time_steps(contenders[name], batches, clock))
+            rates[name].append(samples / time_steps(contenders[name], batches, clock=clock))
     return rates
 
 
@@ -582,7 +568,7 @@ def run(args: Any) -> dict[str, Any]:
     for name in names:
         try:
             fit, min_fill = solve(name, spec, optimizer, args.qr_operation, args.budget_fraction)
-        except ValueError as error:  # a budget out of the method's reach (e.g. at tiny sizes)
+        except BudgetError as error:  # a budget out of the method's reach (e.g. at tiny sizes)
             methods[name] = {"error": str(error), "goal_met": False}
             print(f"{name:18s} not measured: {error}", flush=True)
             continue
