@@ -30,7 +30,8 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed import DistributedModelParallel
 
 from embtab.files import atomic_write
-from embtab.shard import gathered, quiet_torchrec, shard_window, sparse_optimizer_state, union_sizes
+from embtab.fused_state import sparse_optimizer_state
+from embtab.shard import gathered, quiet_torchrec, shard_window, union_sizes
 
 MAGIC = b"EMBTAB-CHECKPOINT"
 VERSION = 1

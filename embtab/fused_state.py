@@ -149,6 +149,19 @@ def optimizer_states(module: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
     return out
 
 
+def sparse_optimizer_state(dmp: DistributedModelParallel) -> dict[str, torch.Tensor]:
+    """Every state tensor of a fused model's fused optimizer, flat: ``"<weight key>/<state name>"``
+    (the layout checkpoints store)."""
+    with quiet_torchrec():
+        state = dmp.fused_optimizer.state_dict()["state"]
+    return {
+        f"{param}/{name}": value
+        for param, per_param in state.items()
+        for name, value in per_param.items()
+        if isinstance(value, torch.Tensor)
+    }
+
+
 def stored_tables(module: nn.Module) -> dict[str, StoredTable]:
     """Every physical table of `module` (an `EmbeddingTables`, fused or not) as stored."""
     states = optimizer_states(module)

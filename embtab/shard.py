@@ -34,7 +34,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from embtab.collection import EmbeddingTables
 from embtab.config import SparseOptimizer
-from embtab.fused_state import bind_after_fusing
+from embtab.fused_state import bind_after_fusing, sparse_optimizer_state
 from embtab.quiet import quiet_torchrec as quiet_torchrec  # re-exported
 from embtab.fused_state import physical_weights as physical_weights  # re-exported: its old home
 from embtab.quant.training import attach as attach_low_precision
@@ -414,14 +414,3 @@ def union_sizes(tensors: dict[str, torch.Tensor], group: dist.ProcessGroup) -> d
     every_rank: list[dict[str, tuple[int, ...]]] = [{}] * dist.get_world_size(group)
     dist.all_gather_object(every_rank, sizes, group=group)
     return {k: v for per_rank in every_rank for k, v in per_rank.items()}
-
-
-def sparse_optimizer_state(dmp: DistributedModelParallel) -> dict[str, torch.Tensor]:
-    return {
-        f"{param}/{name}": value
-        for param, per_param in dmp.fused_optimizer.state_dict()["state"].items()
-        for name, value in per_param.items()
-        if isinstance(value, torch.Tensor)
-    }
-
-
