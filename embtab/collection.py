@@ -12,11 +12,12 @@ checks (`embtab.validation`) and the remap / combine steps (`embtab.forward`) li
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import nn
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec import EmbeddingBagCollection, EmbeddingCollection, JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 from embtab.config import EmbeddingSpec, SparseOptimizer
@@ -146,6 +147,14 @@ class EmbeddingTables(nn.Module):
     def output_dim(self, feature: str) -> int:
         """Width of the vectors this module returns for `feature`."""
         return self.table_methods[self.layout.features[feature].table_name].out_dim
+
+    def fuse_optimizer(self, optimizer: SparseOptimizer) -> None:
+        """Give every table `optimizer` as torchrec's in-backward optimizer, which fbgemm fuses
+        into the lookup's backward once the tables are sharded (`embtab.fuse`); `memory_bytes`
+        counts its state from then on."""
+        self.sparse_optimizer = optimizer
+        for collection in self.collections():
+            apply_optimizer_in_backward(optimizer.description.torch_class, collection.parameters(), optimizer.torch_kwargs())
 
     def memory_bytes(self, optimizer: SparseOptimizer | None = None) -> MemoryReport:
         """Bytes allocated for weights and optimizer state (the fused optimizer by default)."""

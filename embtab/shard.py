@@ -29,7 +29,6 @@ from torchrec.distributed.model_parallel import DataParallelWrapper, DefaultData
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
 from torchrec.distributed.types import ShardingEnv, ShardingPlan, ShardingType
-from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from embtab.collection import EmbeddingTables
@@ -298,12 +297,9 @@ def _fuse(
     plan: ShardingPlan | None,
 ) -> DistributedModelParallel:
     optimizer.check_device(device.type)
-    optimizer_class, kwargs = optimizer.description.torch_class, optimizer.torch_kwargs()
     group = process_group or single_process_group()
     for tables in embedding_tables_of(model):
-        tables.sparse_optimizer = optimizer
-        for collection in tables.collections():
-            apply_optimizer_in_backward(optimizer_class, collection.parameters(), kwargs)
+        tables.fuse_optimizer(optimizer)
     plan = plan or plan_sharding(model, group, device, constraints)
     single = dist.get_world_size(group) == 1
     initial = _materialized_state(model)

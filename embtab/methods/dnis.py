@@ -15,13 +15,12 @@ The weight is linear, so pooling commutes and pooled features pool in the kernel
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 from torch import nn
 
 from embtab.config import LogicalTable, MethodSpec
-from embtab.methods.base import LearnedSizeSpec, MaskedMethod, PhysicalTable, TableMethod
+from embtab.methods.base import LearnedSizeSpec, MaskedMethod, PhysicalTable
 from embtab.methods.pruned import PrunedTable
 from embtab.registry import MethodKind, register_method
 

@@ -36,7 +36,6 @@ from typing import TYPE_CHECKING, ClassVar, Literal, Mapping
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from torchrec import JaggedTensor
 from torchrec.modules.mc_modules import (
     LFU_EvictionPolicy,
@@ -47,7 +46,7 @@ from torchrec.modules.mc_modules import (
 
 from embtab.checks import check_integer, is_integer
 from embtab.collectives import gather_rows
-from embtab.config import LogicalTable, MethodSpec
+from embtab.config import LogicalTable
 from embtab.hashing import salt_of
 from embtab.methods.base import BoundAfterFusing, PhysicalTable, SizedSpec
 from embtab.registry import MethodKind, register_method

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from embtab.checks import check_int
-from embtab.config import LogicalTable, MethodSpec
+from embtab.config import LogicalTable
 from embtab.methods.base import PhysicalTable, SizedSpec, TableMethod
 from embtab.registry import MethodKind, register_method
 

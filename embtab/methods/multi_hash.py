@@ -30,7 +30,7 @@ from typing import ClassVar
 
 import torch
 
-from embtab.config import LogicalTable, MethodSpec
+from embtab.config import LogicalTable
 from embtab.hashing import salt_of
 from embtab.methods.base import PhysicalTable, SizedSpec, TableMethod
 from embtab.checks import check_int

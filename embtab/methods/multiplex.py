@@ -23,7 +23,7 @@ from typing import ClassVar, Literal, Mapping, Sequence
 import torch
 
 from embtab.checks import check_integer, is_integer
-from embtab.config import EmbeddingSpec, LogicalTable, MethodSpec
+from embtab.config import EmbeddingSpec, LogicalTable
 from embtab.hashing import salt_of
 from embtab.methods.base import PhysicalTable, SizedSpec, TableMethod
 from embtab.registry import MethodKind, register_method

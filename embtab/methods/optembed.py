@@ -22,14 +22,14 @@ The mask needs each id's own vector, so lookups are per id (``pooling_commutes =
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
 from embtab.config import LogicalTable, MethodSpec
-from embtab.methods.base import LearnedSizeSpec, MaskedMethod, PhysicalTable, TableMethod
+from embtab.methods.base import LearnedSizeSpec, MaskedMethod, PhysicalTable
 from embtab.methods.pruned import PrunedTable
 from embtab.registry import MethodKind, register_method
 

@@ -22,14 +22,13 @@ The weights start Xavier-uniform, as in the reference (``init="torchrec"``: U(+-
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 from torch import nn
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
 from embtab.config import LogicalTable, MethodSpec
-from embtab.methods.base import LearnedSizeSpec, MaskedMethod, PhysicalTable, TableMethod
+from embtab.methods.base import LearnedSizeSpec, MaskedMethod, PhysicalTable
 from embtab.methods.optembed import INITS, xavier_range
 from embtab.methods.pruned import PrunedTable
 from embtab.registry import MethodKind, register_method
