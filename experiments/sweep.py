@@ -487,8 +487,11 @@ def summarize(results: pl.DataFrame) -> str:
     return (
         "\n".join(lines)
         + "\n\nTest AUC, mean ± std over seeds (bytes allocated: weights + optimizer state, or the CSR "
-        "export for PEP; NAME@int<b>: trained quantization-aware, sized and tested as served by fbgemm's "
-        "INT<b> kernels, bytes served; p: parameters kept / full parameters; wall seconds per cell).\n\n"
+        "export for PEP, codes + codebook for DPQ and MGQE; NAME@int<b>: trained quantization-aware, sized "
+        "and tested as served by fbgemm's INT<b> kernels, bytes served; p: parameters kept / full parameters; "
+        "wall seconds per cell).
+
+"
         + "Best per budget: "
         + "; ".join(winners)
         + "\n"
