@@ -489,9 +489,7 @@ def summarize(results: pl.DataFrame) -> str:
         + "\n\nTest AUC, mean ± std over seeds (bytes allocated: weights + optimizer state, or the CSR "
         "export for PEP, codes + codebook for DPQ and MGQE; NAME@int<b>: trained quantization-aware, sized "
         "and tested as served by fbgemm's INT<b> kernels, bytes served; p: parameters kept / full parameters; "
-        "wall seconds per cell).
-
-"
+        "wall seconds per cell).\n\n"
         + "Best per budget: "
         + "; ".join(winners)
         + "\n"
