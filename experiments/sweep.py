@@ -9,7 +9,10 @@ VLDB benchmark's AdaptEmb), and the learned-size and staged methods ``optembed``
 ``deeplight``, ``dedup``, ``autosrh`` and ``autodim``, whose
 stages (search, budget fit, retrain) run inside one cell per seed (`experiments.search`) and give
 two kinds of rows: the method's own learned result (``optembed (learned)``: no budget shift) and
-its budget-fitted variant (``optembed``). Every model trains with the protocol of
+its budget-fitted variant (``optembed``). ``dpq`` and ``mgqe`` train a full query table plus a
+codebook and are compressed only at export (codes + codebook): one cell per seed, charged its
+export's bytes, recorded at its own export size and at any budget that fixed size fills (other
+budgets: unreachable, with the size it has). Every model trains with the protocol of
 `experiments.ctr` (same split, epochs with early stopping on validation, optimizer settings).
 
 Budgets: ``1/16`` is a fraction of the full table's bytes (weights + fused optimizer state),
@@ -46,7 +49,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 import torch.distributed as dist
@@ -58,8 +61,14 @@ from experiments.common import is_writer, join_torchrun, parser
 from experiments.ctr import SECTIONS, load_config, run
 from experiments.trainer import BEST, CHECKPOINT
 
+if TYPE_CHECKING:
+    from embtab import EmbeddingSpec
+
 DEFAULT_BUDGETS = ("1", "1/2", "1/4", "1/16", "1/64", "1/256")
 LEARNED = ("optembed", "pep", "dnis", "deeplight", "dedup", "autosrh", "autodim")
+EXPORTED = ("dpq", "mgqe")  # train a full query table + codebook; compressed only at export
+EXPORT = "export"
+MGQE_HOT_SHARE = 0.1  # share of each table's ids (the most frequent in training) MGQE gives every codeword
 HOT = "+hot"
 HOT_METHODS = ("hashing_trick", "multi_hash")
 RESULT = "cell.json"
@@ -188,6 +197,8 @@ def run_cell(
     start = time.perf_counter()
     if cell.budget == ALL_BUDGETS:
         rows = _learned_rows(base, cell, budgets, folder, threads) if is_writer() else []
+    elif cell.budget == EXPORT:
+        rows = _export_rows(base, cell, full_bytes, params, folder, threads, budgets, process_group)
     else:
         rows = [_sized_row(base, cell, full_bytes, params, folder, threads, hot_share, process_group)]
     for row in rows:
@@ -284,6 +295,90 @@ def _learned_rows(
             row = {"method": cell.method, "budget": budget, "seed": cell.seed}
             rows.append({**row, "status": "unreachable", "reason": reason})
     return rows
+
+
+def _export_rows(
+    base: dict[str, Any],
+    cell: Cell,
+    full_bytes: int,
+    params: dict[str, Any],
+    folder: Path,
+    threads: int,
+    budgets: list[str],
+    process_group: dist.ProcessGroup | None,
+) -> list[dict[str, Any]]:
+    """DPQ / MGQE: train once (the full query table + codebook: more than the full table's bytes,
+    so no budget binds training), then charge the export (bit-packed codes + codebook). The forward
+    pass already uses the snapped codewords, so the test AUC is the export's. One row at the
+    method's own export size, and one per sweep budget: the same figures where the fixed export
+    size fills that budget, otherwise unreachable with the size it has."""
+    config = cell_config(base, Cell(cell.method, "1", cell.seed), full_bytes, params)
+    config["embedding"].pop("budget_bytes", None)
+    config["embedding"].pop("budget_min_fill", None)
+    config["train"]["threads"] = threads
+    spec = _exported_spec(config)
+    if cell.method == "mgqe":
+        config["embedding"]["table_methods"] = {
+            name: method.to_dict() for name, method in spec.table_methods
+        }
+    summary = run(config, folder, process_group=process_group)
+    export = sum(t.method.build(t).export_bytes() for t in spec.tables())
+    full_weight_bytes = 4 * sum(t.cardinality * t.dim for t in spec.tables())
+    base_row = {"seed": cell.seed, "method": cell.method}
+    measured = {
+        "status": "ok",
+        "parameters_json": json.dumps({"method": summary["method"], "export": "codes + codebook"}),
+        "bytes": export,
+        "parameters": summary["embedding_parameters"],
+        "parameter_ratio": export / full_weight_bytes,  # float32 parameters' worth of the export
+        "compression": full_bytes / export,
+        "train_bytes": summary["embedding_bytes"],
+        **{k: summary[k] for k in ("test_auc", "test_logloss", "valid_auc", "best_epoch", "epochs_run")},
+        "train_samples_per_s": summary["train_samples_per_s"],
+        "inference_samples_per_s": summary["inference_samples_per_s"],
+    }
+    rows = [{**base_row, "budget": EXPORT, **measured}]
+    min_fill = base["embedding"].get("budget_min_fill", 0.9)
+    for budget_text in budgets:
+        budget = Budget(budget_text)
+        if budget.kind == "parameters":
+            have, limit = measured["parameter_ratio"], float(budget.fraction)  # type: ignore[arg-type]
+        else:
+            have, limit = export / full_bytes, budget.bytes(full_bytes) / full_bytes
+        row = {**base_row, "budget": budget_text}
+        if min_fill * limit <= have <= limit:
+            rows.append({**row, **measured, "budget_bytes": budget.bytes(full_bytes) if budget.kind == "bytes" else None})
+        else:
+            reason = (
+                f"{cell.method} has one export size: {export} bytes, 1/{full_bytes / export:.1f} of the full "
+                f"bytes (p={measured['parameter_ratio']:.3g}); training holds the full query table + codebook "
+                f"({summary['embedding_bytes']} bytes)"
+            )
+            rows.append({**row, "status": "unreachable", "reason": reason})
+    return rows
+
+
+def _exported_spec(config: dict[str, Any]) -> EmbeddingSpec:
+    """The spec a DPQ / MGQE cell trains; MGQE's hot ids are each table's `MGQE_HOT_SHARE` most
+    frequent training ids."""
+    import math
+
+    from data import load_dataset
+    from embtab.methods.frequency import hottest_ids
+    from experiments.ctr import embedding_spec, train_config
+
+    data = dict(config["data"])
+    splits = load_dataset(data.pop("name"), **data)
+    spec = embedding_spec(config["embedding"], splits, train_config(config.get("train", {})).sparse())
+    if spec.method.name != "mgqe":
+        return spec
+    counts = splits.id_counts()
+    method = config["embedding"]["method"]
+    overrides = {
+        t.name: {**method, "hot_ids": [int(i) for i in hottest_ids(counts[t.name], math.ceil(MGQE_HOT_SHARE * t.cardinality))]}
+        for t in spec.tables()
+    }
+    return embedding_spec({**config["embedding"], "table_methods": overrides}, splits, train_config(config.get("train", {})).sparse())
 
 
 def _record(folder: Path, rows: list[dict[str, Any]]) -> None:
@@ -392,8 +487,9 @@ def summarize(results: pl.DataFrame) -> str:
     return (
         "\n".join(lines)
         + "\n\nTest AUC, mean ± std over seeds (bytes allocated: weights + optimizer state, or the CSR "
-        "export for PEP; NAME@int<b>: trained quantization-aware, sized and tested as served by fbgemm's "
-        "INT<b> kernels, bytes served; p: parameters kept / full parameters; wall seconds per cell).\n\n"
+        "export for PEP, codes + codebook for DPQ and MGQE; NAME@int<b>: trained quantization-aware, sized "
+        "and tested as served by fbgemm's INT<b> kernels, bytes served; p: parameters kept / full parameters; "
+        "wall seconds per cell).\n\n"
         + "Best per budget: "
         + "; ".join(winners)
         + "\n"
@@ -424,6 +520,8 @@ def _learned_summary(results: pl.DataFrame) -> str:
 def _budget_title(text: str) -> str:
     if text == "learned":
         return "own learned size"
+    if text == EXPORT:
+        return "own export size"
     budget = Budget(text)
     if budget.fraction is None:
         return text
@@ -433,6 +531,8 @@ def _budget_title(text: str) -> str:
 def _budget_order(text: str) -> tuple[int, float]:
     if text == "learned":
         return (2, 0.0)
+    if text == EXPORT:
+        return (3, 0.0)
     budget = Budget(text)
     value = float(budget.fraction) if budget.fraction is not None else float(text[:-1])
     return (0 if budget.kind == "bytes" else 1, -value)
@@ -496,14 +596,17 @@ def _budgets_of(method: str, budgets: list[str]) -> list[str]:
     own size (1), a learned-size method one cell for every budget."""
     if method in LEARNED:
         return [ALL_BUDGETS]
+    if method in EXPORTED:
+        return [EXPORT]
     return ["1"] if method.partition("@")[0] == "full" else budgets
 
 
 def default_methods() -> list[str]:
-    """Every method the sweep knows: sized ones, MDE, the hot-id variants, the learned ones."""
+    """Every method the sweep knows: sized ones, MDE, the hot-id variants, the learned ones, the
+    export-compressed ones."""
     from embtab.methods import METHODS
 
-    return sorted(METHODS) + ["mde"] + [m + HOT for m in HOT_METHODS] + list(LEARNED)
+    return sorted(METHODS) + ["mde"] + [m + HOT for m in HOT_METHODS] + list(LEARNED) + list(EXPORTED)
 
 
 def main() -> None:

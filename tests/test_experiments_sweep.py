@@ -133,3 +133,30 @@ def test_a_method_at_an_integer_precision_is_sized_and_tested_as_served(tmp_path
     monkeypatch.setattr(sys, "argv", ["sweep", *args, "--methods", "qr@int3", "--out", str(tmp_path / "bad")])
     with pytest.raises(SystemExit, match="qr@int3: sweep method suffix @: export precision 'int3'"):
         sweep.main()
+
+
+def test_export_compressed_methods_are_charged_their_export_and_marked_unreachable_elsewhere(tmp_path, monkeypatch):
+    from embtab.methods.dpq import code_bits
+
+    args = [a for a in ARGS if a not in ("full", "hashing_trick")]
+    at = args.index("--methods") + 1
+    args[at:at] = ["dpq", "mgqe"]
+    args += ["--set", "method_params={'dpq': {'parts': 2, 'codewords': 16}, 'mgqe': {'parts': 2, 'codewords': 16, 'rare_codewords': 4}}"]
+    monkeypatch.setattr(sys, "argv", ["sweep", *args, "--budgets", "1/4", "1/16", "--out", str(tmp_path)])
+    sweep.main()
+    results = pl.read_parquet(tmp_path / "results.parquet")
+    rows = {(r["method"], r["budget"]): r for r in results.iter_rows(named=True)}
+    assert set(rows) == {(m, b) for m in ("dpq", "mgqe") for b in ("export", "1/4", "1/16")}
+    dpq = rows[("dpq", "export")]
+    codes = 3 * 200 * 2 * code_bits(16) // 8  # 3 fields of 200 ids, 2 parts of 4 bits
+    assert dpq["bytes"] == codes + 3 * 2 * 16 * 4 * 4  # + each table's float32 codebook (2 x 16 x 4)
+    assert dpq["train_bytes"] > 3 * 200 * 8 * 4  # the full query table trains
+    assert dpq["parameter_ratio"] == dpq["bytes"] / (3 * 200 * 8 * 4)
+    # 1/32 of the full bytes fills neither 1/4 nor 1/16 by 90%: both are unreachable, with the reason
+    for budget in ("1/4", "1/16"):
+        assert rows[("dpq", budget)]["status"] == "unreachable"
+        assert "export size" in rows[("dpq", budget)]["reason"]
+    mgqe = rows[("mgqe", "export")]
+    hot = 3 * 20  # each table's 10% most frequent ids use every codeword (4 bits), the rest 2 bits
+    assert mgqe["bytes"] == -(-(2 * (hot * 4 + (600 - hot) * 2)) // 8) + 3 * 2 * 16 * 4 * 4 + hot * 8
+    assert "own export size" in (tmp_path / "summary.md").read_text()
