@@ -18,7 +18,7 @@ from data import load_dataset
 from embtab.methods.frequency import hottest_ids
 from experiments.common import parser, write_json
 from experiments.ctr import load_config, run
-from experiments.sweep import full_table_bytes
+from experiments.sweep import config_full_bytes
 
 
 def hybrid_overrides(config: dict[str, Any], hot_share: float) -> dict[str, dict[str, Any]]:
@@ -44,7 +44,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3)
     args = p.parse_args()
     base = load_config(args.config, [], {})
-    budget = int(full_table_bytes(base) * Fraction(args.budget))
+    budget = int(config_full_bytes(base) * Fraction(args.budget))
     variants = {"hashing": {}, "hybrid": hybrid_overrides(base, args.hot_share)}
     results: dict[str, list[float]] = {name: [] for name in variants}
     out = Path(args.out)

@@ -162,6 +162,7 @@ def hot_overrides(config: dict[str, Any], hot_share: float) -> dict[str, dict[st
     rows the plain method gets at this budget (AdaptEmb-style; a multi-hash id takes a row per
     probe); the solver then sizes the hashed rest so that the table keeps its share of the budget."""
     from data import load_dataset
+    from embtab.methods import FullTable, MultiHash
     from embtab.methods.frequency import hottest_ids
     from experiments.ctr import embedding_spec, train_config
 
@@ -172,11 +173,11 @@ def hot_overrides(config: dict[str, Any], hot_share: float) -> dict[str, dict[st
     method = config["embedding"]["method"]
     overrides = {}
     for table, sized in plain.table_methods:
-        rows = getattr(sized, "rows", None)
-        if rows is None:  # left full: too small to gain
+        if isinstance(sized, FullTable):  # left full: too small to gain
             continue
-        hot = int(hot_share * rows / getattr(sized, "hashes", 1))  # each probe gives a hot id a row
-        overrides[table] = {**method, "rows": rows, "hot_ids": list(hottest_ids(counts[table], hot))}
+        probes = sized.hashes if isinstance(sized, MultiHash) else 1  # each probe gives a hot id a row
+        hot = int(hot_share * sized.rows / probes)
+        overrides[table] = {**method, "rows": sized.rows, "hot_ids": list(hottest_ids(counts[table], hot))}
     return overrides
 
 
@@ -390,19 +391,17 @@ def _record(folder: Path, rows: list[dict[str, Any]]) -> None:
         (folder / checkpoint).unlink(missing_ok=True)
 
 
-def full_table_bytes(base: dict[str, Any]) -> int:
+def config_full_bytes(base: dict[str, Any]) -> int:
     """Bytes of the full table (weights + optimizer state) for the configured data and width."""
-    import embtab
-    import torch
     from data import load_dataset
+    from embtab.budget import full_table_bytes
     from experiments.ctr import embedding_spec, train_config
 
     data = dict(base["data"])
     splits = load_dataset(data.pop("name"), **data)
+    optimizer = train_config(base.get("train", {})).sparse()
     embedding = {"dim": base["embedding"].get("dim", 16), "method": {"name": "full"}}
-    spec = embedding_spec(embedding, splits, train_config(base.get("train", {})).sparse())
-    tables = embtab.EmbeddingTables(spec, device=torch.device("meta"))
-    return tables.memory_bytes(train_config(base.get("train", {})).sparse()).total
+    return full_table_bytes(embedding_spec(embedding, splits, optimizer), optimizer)
 
 
 def finished(out: Path, cell: Cell) -> list[dict[str, Any]] | None:
@@ -421,7 +420,7 @@ def sweep(
     budgets: list[str] | None = None,
     process_group: dist.ProcessGroup | None = None,
 ) -> pl.DataFrame:
-    full_bytes = full_table_bytes(base)
+    full_bytes = config_full_bytes(base)
     budgets = budgets or sorted({c.budget for c in cells if c.budget != ALL_BUDGETS})
     rows = [r for c in cells for r in (finished(out, c) or [])]
     todo = [c for c in cells if finished(out, c) is None]
