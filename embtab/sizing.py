@@ -55,7 +55,8 @@ def with_size(spec: EmbeddingSpec, method: MethodSpec, value: int) -> EmbeddingS
     tables with their own chunk counts keep sharing one table); other overrides are kept as they are.
     """
     _size_field(method)  # a clear error for a method without a knob
-    return _with_sized(spec, method.with_size(value))  # type: ignore[attr-defined]
+    assert isinstance(method, SizedSpec)
+    return _with_sized(spec, method.with_size(value))
 
 
 def _with_sized(spec: EmbeddingSpec, sized: MethodSpec) -> EmbeddingSpec:
@@ -112,6 +113,13 @@ class _Knob:
                 self.cache[value], self.errors[value] = None, str(error)
         return self.cache[value]
 
+    def amount(self, value: int) -> int:
+        """The amount at a value known to be valid (the search only asks at such values)."""
+        result = self(value)
+        if result is None:
+            raise ValueError(f"method {self.method.name!r}: {self.field}={value} rejected: {self.errors[value]}")
+        return result
+
     def smallest_valid(self) -> int:
         """The smallest value the method accepts (validity is assumed to hold from it upward)."""
         if self(1) is not None:
@@ -130,9 +138,9 @@ class _Knob:
         """(value, amount) of the smallest amount: `low` for an increasing knob; for a decreasing
         one the bottom of its unimodal curve (QR's ``ceil(n / m) + m`` near ``sqrt(n)``)."""
         if self.increasing:
-            return low, self(low)  # type: ignore[return-value]
-        value, best = low, self(low)
-        while value * 2 <= _MAX_KNOB and (b := self(value * 2)) is not None and b < best:  # type: ignore[operator]
+            return low, self.amount(low)
+        value, best = low, self.amount(low)
+        while value * 2 <= _MAX_KNOB and (b := self(value * 2)) is not None and b < best:
             value, best = value * 2, b
         left, right = max(low, value // 2), value * 2
         if self(right) is None:
@@ -141,11 +149,11 @@ class _Knob:
         _bisect(self._falling, left, right)
         # amounts need not be exactly unimodal (ceil makes a noisy floor): the smallest seen
         knob = min((v for v, b in self.cache.items() if b is not None), key=lambda v: (self.cache[v], v))
-        return knob, self(knob)  # type: ignore[return-value]
+        return knob, self.amount(knob)
 
     def _falling(self, value: int) -> bool:
         after = self(value + 1)
-        return after is not None and after < self(value)  # type: ignore[operator]
+        return after is not None and after < self.amount(value)
 
     def most(self, low: int, stop_above: int) -> tuple[int, int | None]:
         """(value, amount) of the largest amount, or amount None when it passes `stop_above`
@@ -175,20 +183,20 @@ class _Knob:
                 return top
             good, bad = low, self._above(low, budget)
         else:
-            if self(low) <= budget:  # type: ignore[operator]
+            if self.amount(low) <= budget:
                 return low
             good, bad = knob, low  # decreasing side: amounts fall from `low` to `knob`
-        return _bisect(lambda v: self(v) is not None and self(v) <= budget, good, bad)[0]  # type: ignore[operator]
+        return _bisect(lambda v: (amount := self(v)) is not None and amount <= budget, good, bad)[0]
 
     def _above(self, low: int, budget: int) -> int:
         """An increasing knob's value over `budget`, by extrapolating along the last secant
         (amounts are near affine in rows, so a few builds reach the budget's neighbourhood)."""
-        v0, b0, v1 = low, self(low), 2 * low
+        v0, b0, v1 = low, self.amount(low), 2 * low
         while True:
             b1 = self(v1)
             if b1 is None or b1 > budget:
                 return v1
-            slope = (b1 - b0) / (v1 - v0)  # type: ignore[operator]
+            slope = (b1 - b0) / (v1 - v0)
             guess = v1 + math.ceil((budget - b1) / slope * 1.02) + 1 if slope > 0 else 2 * v1
             v0, b0, v1 = v1, b1, min(max(guess, v1 + 1), 1024 * v1, _MAX_KNOB)
 
@@ -230,7 +238,7 @@ class _TableSizes:
         value = self.knob.fitting(target)
         if value is None:
             value = self.knob.least(self.knob.smallest_valid())[0]
-        if self.knob(value) >= self.full_parameters:  # type: ignore[operator]
+        if self.knob.amount(value) >= self.full_parameters:
             return FullTable()
         return self.knob.at(value)
 
