@@ -456,12 +456,14 @@ def _stats(results: pl.DataFrame) -> pl.DataFrame:
 
 def summarize(results: pl.DataFrame) -> str:
     """Markdown: test AUC mean ± std over seeds per method and budget (bytes and parameter ratio
-    beside it), the best per budget in bold, then the winner of each budget."""
+    beside it), the best per budget in bold, then the winner of each budget. A configuration with
+    more parameters than the full table (a learned size that pruned nothing) is not ranked."""
     stats = _stats(results)
     budgets = sorted(results["budget"].unique().to_list(), key=_budget_order)
     methods = sorted(results["method"].unique().to_list())
+    compressed = pl.col("ratio").fill_null(0.0) <= 1.0
     best = {
-        b: stats.filter(pl.col("budget") == b).sort("auc", descending=True)["method"].head(1).to_list()
+        b: stats.filter((pl.col("budget") == b) & compressed).sort("auc", descending=True)["method"].head(1).to_list()
         for b in budgets
     }
     lines = [

@@ -160,3 +160,23 @@ def test_export_compressed_methods_are_charged_their_export_and_marked_unreachab
     hot = 3 * 20  # each table's 10% most frequent ids use every codeword (4 bits), the rest 2 bits
     assert mgqe["bytes"] == -(-(2 * (hot * 4 + (600 - hot) * 2)) // 8) + 3 * 2 * 16 * 4 * 4 + hot * 8
     assert "own export size" in (tmp_path / "summary.md").read_text()
+
+
+def test_a_configuration_larger_than_the_full_table_is_not_ranked_best():
+    from experiments.sweep import summarize
+
+    rows = [
+        {"method": "autosrh (learned)", "budget": "learned", "test_auc": 0.79, "ratio": 2.05},
+        {"method": "dnis (learned)", "budget": "learned", "test_auc": 0.78, "ratio": 1.0},
+        {"method": "optembed (learned)", "budget": "learned", "test_auc": 0.77, "ratio": 0.46},
+    ]
+    results = pl.DataFrame(
+        [
+            {"method": r["method"], "budget": r["budget"], "seed": 0, "status": "ok", "test_auc": r["test_auc"],
+             "bytes": 1000, "parameter_ratio": r["ratio"], "wall_seconds": 1.0}
+            for r in rows
+        ]
+    )
+    summary = summarize(results)
+    assert "**0.7800" in summary and "**0.7900" not in summary
+    assert "own learned size: dnis (learned)" in summary
