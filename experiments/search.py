@@ -321,6 +321,22 @@ def _retrain_sparse(
     return cell
 
 
+def _alpha_search(
+    trainer: Trainer, search_s: float
+) -> tuple[dict[str, torch.Tensor], embtab.EmbeddingTables, dict[str, torch.Tensor], dict[str, Any]]:
+    """After a search stage whose methods learn weights `alpha` from an initial 1 (DNIS, AutoSrh):
+    the trained tables' weights, the tables, their alphas and the stage's figures."""
+    weights = physical_weights(trainer.model)
+    tables = embedding_tables_of(trainer.model)[0]
+    alphas = {n: m.alpha.detach() for n, m in tables.methods.items()}  # type: ignore[union-attr]
+    figures = {
+        "search_s": search_s,
+        "search_epochs": len(trainer.state.history),
+        "threshold_moved": max(float((a - 1).abs().max()) for a in alphas.values()),
+    }
+    return weights, tables, alphas, figures
+
+
 def run_dnis(run: Run, budgets: list[Fraction]) -> list[dict[str, Any]]:
     """DNIS: train the soft dimension weights with the model, prune columns (none for its own
     result "dnis (learned)"; to each budget for "dnis"), then fine-tune with the trained dense
@@ -328,15 +344,8 @@ def run_dnis(run: Run, budgets: list[Fraction]) -> list[dict[str, Any]]:
     torch.manual_seed(run.train.seed)
     dnis = embtab.EmbeddingTables(run.spec(DNIS()))
     trainer, _, search_s = run.fit(dnis, "dnis_search", stage=True)
-    weights = physical_weights(trainer.model)
-    tables = embedding_tables_of(trainer.model)[0]
-    alphas = {n: m.alpha.detach() for n, m in tables.methods.items()}  # type: ignore[union-attr]
-    common = {
-        "search_s": search_s,
-        "search_epochs": len(trainer.state.history),
-        "threshold_moved": max(float((a - 1).abs().max()) for a in alphas.values()),  # from their initial 1
-        "alpha_spread": {n: [float(a.abs().min()), float(a.abs().max())] for n, a in alphas.items()},
-    }
+    weights, tables, alphas, common = _alpha_search(trainer, search_s)
+    common["alpha_spread"] = {n: [float(a.abs().min()), float(a.abs().max())] for n, a in alphas.items()}
     cells = []
     for budget in [None, *budgets]:
         shift = 0.0
@@ -429,15 +438,8 @@ def run_autosrh(run: Run, budgets: list[Fraction]) -> list[dict[str, Any]]:
         method.set_groups(counts[name])  # type: ignore[operator]
     config = replace(run.train, restore_best=False)
     trainer, _, search_s = run.fit(tables, "autosrh_search", config=config)
-    weights = physical_weights(trainer.model)
-    tables = embedding_tables_of(trainer.model)[0]
-    alphas = {n: m.alpha.detach() for n, m in tables.methods.items()}  # type: ignore[union-attr]
-    common = {
-        "search_s": search_s,
-        "search_epochs": len(trainer.state.history),
-        "threshold_moved": max(float((a - 1).abs().max()) for a in alphas.values()),  # from their initial 1
-        "alpha_zero_share": sum(int((a == 0).sum()) for a in alphas.values()) / sum(a.numel() for a in alphas.values()),
-    }
+    weights, tables, alphas, common = _alpha_search(trainer, search_s)
+    common["alpha_zero_share"] = sum(int((a == 0).sum()) for a in alphas.values()) / sum(a.numel() for a in alphas.values())
     cells = []
     for budget in [None, *budgets]:
         shift = 0.0
