@@ -359,11 +359,7 @@ def _criteo_blank(tmp: Path) -> str:
     from data import load_criteo
 
     (tmp / "train.txt").write_text(_criteo_lines() + "\n")
-    try:
-        splits = load_criteo(tmp / "train.txt", cache_dir=tmp / "cache")
-    except Exception:
-        return CRASH
-    return CORRECT if len(splits.train) + len(splits.valid) + len(splits.test) == 20 else SILENT
+    return _every_row_read(lambda: load_criteo(tmp / "train.txt", cache_dir=tmp / "cache"), 20)
 
 
 @case("data", "Avazu file ending with a blank line")
@@ -375,11 +371,17 @@ def _avazu_blank(tmp: Path) -> str:
         ",".join([str(r), str(r % 2), f"141021{r % 24:02d}", *[f"v{r % 3}"] * (len(HEADER) - 3)]) for r in range(20)
     ]
     (tmp / "train.csv").write_text("\n".join(lines) + "\n\n")
+    return _every_row_read(lambda: load_avazu(tmp / "train.csv", cache_dir=tmp / "cache"), 20)
+
+
+def _every_row_read(load: Callable[[], Any], rows: int) -> str:
+    """CORRECT when `load()` returns splits holding `rows` rows in all, SILENT for another count,
+    CRASH when it raises."""
     try:
-        splits = load_avazu(tmp / "train.csv", cache_dir=tmp / "cache")
+        splits = load()
     except Exception:
         return CRASH
-    return CORRECT if len(splits.train) + len(splits.valid) + len(splits.test) == 20 else SILENT
+    return CORRECT if len(splits.train) + len(splits.valid) + len(splits.test) == rows else SILENT
 
 
 @case("data", "invalid UTF-8 in a data file")
