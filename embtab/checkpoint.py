@@ -31,7 +31,8 @@ from torchrec.distributed import DistributedModelParallel
 
 from embtab.files import atomic_write
 from embtab.fused_state import sparse_optimizer_state
-from embtab.shard import gathered, quiet_torchrec, shard_window, union_sizes
+from embtab.quiet import quiet_torchrec
+from embtab.shard import gathered, shard_window, union_sizes
 
 MAGIC = b"EMBTAB-CHECKPOINT"
 VERSION = 1

@@ -34,7 +34,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from embtab.collection import EmbeddingTables
 from embtab.config import SparseOptimizer
 from embtab.fused_state import bind_after_fusing, sparse_optimizer_state
-from embtab.quiet import quiet_torchrec as quiet_torchrec  # re-exported
+from embtab.quiet import quiet_torchrec
 from embtab.fused_state import physical_weights as physical_weights  # re-exported: its old home
 from embtab.quant.training import attach as attach_low_precision
 
