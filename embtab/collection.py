@@ -180,8 +180,6 @@ class EmbeddingTables(nn.Module):
 
     # ----------------------------------------------------------------------------- forward
     def forward(self, features: KeyedJaggedTensor) -> EmbeddingOutput:
-        if features.lengths().numel() == 0:
-            raise ValueError(f"empty batch: features {features.keys()} hold 0 samples; expected at least one")
         kjt = canonical(features, self.layout.feature_order, self.layout.features, self.weighted)
         methods = self.table_methods
         inputs = table_inputs(kjt, self.layout, methods)

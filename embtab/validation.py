@@ -19,11 +19,13 @@ def canonical(
     """`kjt` checked and with its keys in `order` (the tables' feature order).
 
     Raises:
-        ValueError: an unknown or missing feature, lengths that do not match the values,
-            non-integer ids, an empty bag of a feature that rejects them, or per-id weights
-            present when not `weighted` (absent when `weighted`).
+        ValueError: an empty batch, an unknown or missing feature, lengths that do not match the
+            values, non-integer ids, an empty bag of a feature that rejects them, or per-id
+            weights present when not `weighted` (absent when `weighted`).
     """
     keys = kjt.keys()
+    if kjt.lengths().numel() == 0:
+        raise ValueError(f"empty batch: features {keys} hold 0 samples; expected at least one")
     if keys != order:
         unknown = [k for k in keys if k not in features]
         if unknown:
