@@ -33,21 +33,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from embtab.config import LogicalTable, MethodSpec
-from embtab.methods.base import BoundAfterFusing, PhysicalTable
+from embtab.methods.base import BoundAfterFusing, PhysicalTable, TableMethod
 from embtab.checks import check_int
+from embtab.methods.frequency import HotIds
 from embtab.registry import MethodKind, register_method
 
 if TYPE_CHECKING:
     from embtab.fused_state import FusedTables
 
-SEARCH_BLOCK = 1024  # distinct ids per block of the nearest-codeword search
+SEARCH_BLOCK = 1 << 18  # distances per block of the nearest-codeword search (1 MiB of float32)
 
 
 @register_method(MethodKind.EXPORT_COMPRESSED)
@@ -91,32 +92,161 @@ def code_bits(codewords: int) -> int:
 
 
 class SnapToCodewords(torch.autograd.Function):
-    """Forward: the chosen codewords. Backward: the output's gradient to the query unchanged
-    (straight-through), and ``2 * weight * (v - q)`` of every valid slot to its codewords."""
+    """Forward: each id's chosen codewords. Backward: the output's gradient to the query unchanged
+    (straight-through), and ``2 * weight * (v - q)`` of every distinct id to its codewords (its
+    weight counts its valid slots, so the codebook sees the sum over the looked-up ids)."""
 
     @staticmethod
     def forward(
         ctx: Any,
+        queries: torch.Tensor,
+        codebooks: torch.Tensor,
+        rows: torch.Tensor,
+        inverse: torch.Tensor,
         parts: torch.Tensor,
-        codebook: torch.Tensor,
-        codes: torch.Tensor,
         weight: torch.Tensor,
     ) -> torch.Tensor:
-        flat = codes + torch.arange(codes.shape[-1], device=codes.device) * codebook.shape[1]
-        rows = codebook.reshape(-1, codebook.shape[-1]).index_select(0, flat.reshape(-1))
-        chosen = rows.view(*flat.shape, codebook.shape[-1])
-        ctx.save_for_backward(parts, chosen, flat, weight)
-        ctx.codebook_shape = codebook.shape
-        return chosen
+        """`rows` ``[M * D]``: each distinct id's codeword rows of the flat `codebooks`;
+        `inverse` ``[N]``: each slot's distinct id; `parts` ``[M, D, d/D]``: the distinct queries."""
+        width = codebooks.shape[-1]
+        chosen = codebooks.reshape(-1, width).index_select(0, rows)
+        ctx.save_for_backward(chosen, rows, parts, weight)
+        ctx.codebook_shape = codebooks.shape
+        return chosen.view(parts.shape[0], -1).index_select(0, inverse).view(queries.shape)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        parts, chosen, flat, weight = ctx.saved_tensors
-        pull = 2 * (chosen - parts) * weight.unsqueeze(-1).unsqueeze(-1)
+        chosen, rows, parts, weight = ctx.saved_tensors
+        pull = (chosen.view(parts.shape) - parts).mul_(2 * weight.view(-1, 1, 1))
         shape = ctx.codebook_shape
-        codebook_grad = pull.new_zeros(shape[0] * shape[1], shape[2])
-        codebook_grad.index_add_(0, flat.reshape(-1), pull.reshape(-1, shape[2]))
-        return grad, codebook_grad.view(shape), None, None
+        codebook_grad = pull.new_zeros(shape.numel() // shape[-1], shape[-1])
+        codebook_grad.index_add_(0, rows, pull.view(-1, shape[-1]))
+        return grad, codebook_grad.view(shape), None, None, None, None
+
+
+def first_nearest(keys: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Per batch, the first codeword of largest ``keys @ points`` (the nearest): ``[B, n]``
+    indices of ``[B, L, n]`` scores.
+
+    The reduction over the middle axis is a max pooling over it, read as a channels-last image
+    (``n`` channels, an ``L x 1`` image): torch reduces that layout vectorized across the ids and
+    keeps the first maximum, as `argmax` does (whose reduction of the same axis is about 20x
+    slower on CPU)."""
+    scores = torch.bmm(keys, points)
+    batch, codewords, n = scores.shape
+    image = scores.as_strided((batch, n, codewords, 1), (codewords * n, 1, n, n))
+    _, index = nn.functional.max_pool2d(image, (codewords, 1), return_indices=True)
+    return index.view(batch, n)
+
+
+class CodebookRun:
+    """DPQ tables (of equal parts, codewords, rare codewords and beta) snapped in one call.
+
+    Each slot's key is ``table * span + id + 1`` (pads, id -1, are ``table * span``), so one
+    `torch.unique` gives every table's distinct ids, sorted by table. The search runs once per
+    distinct id: over all codewords for an id that may use them all, over the first
+    `rare_codewords` for the others (MGQE's rare ids). Both the search and the snap read the
+    tables' codebooks stacked (``[T, D, C, d/D]``), whose gradient autograd hands back to each
+    table's codebook.
+    """
+
+    def __init__(self, members: Sequence["DPQMethod"]) -> None:
+        head = members[0]
+        self.members = list(members)
+        self.parts, self.part_dim, self.beta = head.parts, head.part_dim, head.beta
+        self.codewords, self.rare_codewords = head.codewords, head.rare_codewords
+        self.span = max(m.table.cardinality for m in members) + 1
+        hot = [m.hot.sorted_ids + (t * self.span + 1) for t, m in enumerate(members) if m.hot is not None and m.hot.count]
+        self.hot_keys = torch.cat(hot) if hot and self.rare_codewords < self.codewords else None
+
+    def keys(self, ids: torch.Tensor, table_dim: int | None) -> torch.Tensor:
+        """Each slot's key; `table_dim` is the tables' axis of `ids` (None: one table)."""
+        keys = ids.to(torch.int64) + 1
+        if table_dim is None:
+            return keys
+        shape = [1] * ids.dim()
+        shape[table_dim] = len(self.members)
+        offsets = torch.arange(len(self.members), device=ids.device) * self.span
+        return keys + offsets.view(shape)
+
+    def combine(self, vectors: list[torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
+        """Snapped vectors of queries ``[rows, tables, features, d]`` (ids ``[rows, tables, features]``)."""
+        return self.snap(vectors[0], self.keys(ids, 1))
+
+    def snap(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """``q + sg(v - q)`` of queries ``[..., d]`` whose slots have `keys` ``[...]``."""
+        search = self.search(queries, keys)
+        head = self.members[0]
+        valid = search.distinct % self.span != 0  # not a pad
+        weight = search.counts * valid * (self.beta * head.ranks())
+        codebooks = torch.stack([m.codebook for m in self.members])
+        rows = (search.tables.unsqueeze(1) * self.parts + torch.arange(self.parts, device=keys.device))
+        rows = rows * self.codewords + search.codes
+        return SnapToCodewords.apply(
+            queries, codebooks, rows.view(-1), search.inverse, search.parts, weight.to(queries.dtype)
+        )
+
+    def search(self, queries: torch.Tensor, keys: torch.Tensor) -> "Search":
+        """Codes of every distinct key; the distinct ids in search order (rare ones last)."""
+        flat_keys = keys.reshape(-1)
+        distinct, inverse, counts = torch.unique(flat_keys, return_inverse=True, return_counts=True)
+        order, units = self._plan(distinct)
+        if order is not None:
+            rank = torch.empty_like(order).index_put_((order,), torch.arange(order.numel(), device=order.device))
+            distinct, counts, inverse = distinct[order], counts[order], rank[inverse]
+        positions = torch.arange(inverse.numel(), device=keys.device)
+        first = torch.empty_like(distinct).scatter_(0, inverse, positions)  # one slot of each
+        flat_queries = queries.detach().reshape(-1, self.parts, self.part_dim)
+        parts = flat_queries.index_select(0, first)  # [M, D, d/D]
+        codes = self._nearest(parts, units)
+        return Search(distinct, distinct // self.span, inverse, counts, parts, codes)
+
+    def _plan(self, distinct: torch.Tensor) -> tuple[torch.Tensor | None, list[tuple[int, int, int, int]]]:
+        """How to search the distinct keys: an order (None: as they are) and its units
+        ``(table, codewords, start, stop)``, each a run of the ordered ids of one table that may
+        use the first `codewords` codewords."""
+        tables = distinct // self.span
+        if self.hot_keys is None:
+            return None, self._units(tables, self.rare_codewords, 0)
+        found = torch.searchsorted(self.hot_keys, distinct).clamp_(max=self.hot_keys.numel() - 1)
+        is_hot = self.hot_keys[found] == distinct
+        hot, rare = torch.nonzero(is_hot).squeeze(1), torch.nonzero(~is_hot).squeeze(1)
+        units = self._units(tables[hot], self.codewords, 0) + self._units(tables[rare], self.rare_codewords, hot.numel())
+        return torch.cat([hot, rare]), units
+
+    def _units(self, tables: torch.Tensor, codewords: int, offset: int) -> list[tuple[int, int, int, int]]:
+        """Units of sorted table indices `tables`, starting at `offset` of the search order."""
+        bounds = torch.searchsorted(tables, torch.arange(len(self.members) + 1, device=tables.device))
+        edges = (bounds + offset).tolist()
+        return [(t, codewords, a, b) for t, (a, b) in enumerate(zip(edges, edges[1:])) if b > a]
+
+    def _nearest(self, parts: torch.Tensor, units: list[tuple[int, int, int, int]]) -> torch.Tensor:
+        """Codes ``[M, D]`` of distinct queries ``[M, D, d/D]``, unit by unit and in blocks of
+        `SEARCH_BLOCK` distances. The distance up to the query's own norm, ``||k||^2 - 2 q.k``,
+        is (negated) one batched product of ``[q, 1]`` with ``[2 k, -||k||^2]``."""
+        codebooks = torch.stack([m.codebook.detach() for m in self.members])  # [T, D, C, d/D]
+        keys = torch.cat([2 * codebooks, -codebooks.square().sum(-1, keepdim=True)], -1)
+        points = parts.new_ones(self.parts, self.part_dim + 1, parts.shape[0])
+        points[:, : self.part_dim] = parts.permute(1, 2, 0)  # [D, d/D + 1, M]
+        codes = [parts.new_empty(self.parts, 0, dtype=torch.int64)]
+        for table, codewords, start, stop in units:
+            block = max(1, SEARCH_BLOCK // (self.parts * codewords))
+            for begin in range(start, stop, block):  # blocks of ids, never single ids
+                codes.append(first_nearest(keys[table, :, :codewords], points[:, :, begin : min(begin + block, stop)]))
+        return torch.cat(codes, 1).t()
+
+
+@dataclass(frozen=True)
+class Search:
+    """A search's distinct keys (in search order) and, per distinct id: its table, how many slots
+    hold it, its query's parts and codes; `inverse` maps each slot to its distinct id."""
+
+    distinct: torch.Tensor
+    tables: torch.Tensor
+    inverse: torch.Tensor
+    counts: torch.Tensor
+    parts: torch.Tensor
+    codes: torch.Tensor
 
 
 class DPQMethod(BoundAfterFusing):
@@ -126,6 +256,8 @@ class DPQMethod(BoundAfterFusing):
     def __init__(self, table: LogicalTable, parts: int, codewords: int, beta: float) -> None:
         super().__init__(table)
         self.parts, self.codewords, self.beta = parts, codewords, beta
+        self.rare_codewords = codewords  # MGQE: fewer for the ids outside `hot`
+        self.hot: HotIds | None = None
         self.part_dim = table.dim // parts
         self.physical_tables = (PhysicalTable(table.name, table.cardinality, table.dim),)
         bound = table.cardinality ** -0.5  # the query table's own (torchrec default) range
@@ -140,55 +272,23 @@ class DPQMethod(BoundAfterFusing):
     def remap(self, ids: torch.Tensor) -> torch.Tensor:
         return ids.unsqueeze(0)
 
-    def allowed(self, ids: torch.Tensor) -> torch.Tensor | None:
-        """How many codewords (the first ones) each id may use, shaped like `ids` (None: all);
-        MGQE narrows it for rare ids."""
-        return None
+    def grouped(self, members: Sequence[TableMethod]) -> CodebookRun:
+        """The run of tables `members` (this one first), snapped in one call."""
+        return CodebookRun(members)  # type: ignore[arg-type]
 
     def assign(self, queries: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Codes ``[..., D]`` (int64) of queries ``[..., d]``: each part's nearest allowed codeword.
-
-        An id's query is the same wherever it occurs, so the search runs once per distinct id.
-        Ids that may use the same number of codewords (MGQE: hot and rare) are searched together,
-        over that prefix of the codebook only, in blocks of `SEARCH_BLOCK` ids (``D x block x C``
-        distances at a time, small enough to stay in cache)."""
-        distinct, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
-        positions = torch.arange(inverse.numel(), device=ids.device)
-        first = torch.empty_like(distinct).scatter_(0, inverse, positions)  # one position of each
-        flat_queries = queries.detach().reshape(-1, self.parts, self.part_dim)
-        parts = flat_queries.index_select(0, first).transpose(0, 1)  # [D, distinct, d/D]
-        allowed = self.allowed(distinct)
-        if allowed is None:
-            codes = self._nearest(parts, self.codewords)
-        else:
-            codes = torch.empty(self.parts, distinct.numel(), dtype=torch.int64, device=ids.device)
-            for limit in allowed.unique().tolist():  # a few groups (MGQE: two), never single ids
-                members = torch.nonzero(allowed == limit).squeeze(1)
-                codes[:, members] = self._nearest(parts.index_select(1, members), limit)
-        return codes.index_select(1, inverse).t().reshape(*ids.shape, self.parts)
-
-    def _nearest(self, parts: torch.Tensor, limit: int) -> torch.Tensor:
-        """Per part, the index of the nearest of the first `limit` codewords: ``[D, n]`` of
-        ``parts`` ``[D, n, d/D]``. The distance up to the query's own norm, ``||k||^2 - 2 q.k``,
-        is one batched product of ``[q, 1]`` with ``[-2 k; ||k||^2]``."""
-        codebook = self.codebook.detach()[:, :limit]
-        keys = torch.cat([-2 * codebook, codebook.square().sum(-1, keepdim=True)], -1).transpose(1, 2)
-        ones = parts.new_ones(*parts.shape[:-1], 1)
-        augmented = torch.cat([parts, ones], -1)  # [D, n, d/D + 1]
-        codes = torch.empty(parts.shape[:2], dtype=torch.int64, device=parts.device)
-        for start in range(0, parts.shape[1], SEARCH_BLOCK):  # blocks of ids, not single ids
-            block = slice(start, start + SEARCH_BLOCK)
-            codes[:, block] = torch.bmm(augmented[:, block], keys).argmin(-1)
-        return codes
+        """Codes ``[..., D]`` (int64) of queries ``[..., d]``: each part's nearest allowed codeword
+        (`CodebookRun.search`: once per distinct id)."""
+        run = CodebookRun([self])
+        search = run.search(queries, run.keys(ids, None))
+        return search.codes.index_select(0, search.inverse).view(*ids.shape, self.parts)
 
     def combine(self, vectors: list[torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
-        queries = vectors[0]
-        codes = self.assign(queries, ids)
-        parts = queries.reshape(*queries.shape[:-1], self.parts, self.part_dim)
-        weight = (ids >= 0).to(queries.dtype) * (self.beta * self._ranks())
-        return SnapToCodewords.apply(parts, self.codebook, codes, weight).reshape(queries.shape)
+        run = CodebookRun([self])
+        return run.snap(vectors[0], run.keys(ids, None))
 
-    def _ranks(self) -> int:
+    def ranks(self) -> int:
+        """Ranks the fused tables are averaged over (1 without a process group)."""
         group = self.process_group
         return dist.get_world_size(group) if group is not None else 1
 

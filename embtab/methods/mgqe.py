@@ -61,12 +61,6 @@ class MGQEMethod(DPQMethod):
         self.rare_codewords = spec.rare_codewords
         self.hot = HotIds(spec.hot_ids, bases=[0])
 
-    def allowed(self, ids: torch.Tensor) -> torch.Tensor | None:
-        if self.hot.count == 0:
-            return torch.full_like(ids, self.rare_codewords, dtype=torch.int64)
-        is_hot, _ = self.hot.find(ids.to(torch.int64).contiguous())
-        return torch.where(is_hot, self.codewords, self.rare_codewords)
-
     def export_bytes(self) -> int:
         hot = self.hot.count
         rare = self.table.cardinality - hot
