@@ -48,7 +48,7 @@ from embtab.registry import MethodKind, register_method
 if TYPE_CHECKING:
     from embtab.fused_state import FusedTables
 
-SEARCH_BLOCK = 1 << 18  # distances per block of the nearest-codeword search (1 MiB of float32)
+SEARCH_BLOCK = 250_000  # distances per block of the nearest-codeword search (about 1 MB; see `_nearest`)
 
 
 @register_method(MethodKind.EXPORT_COMPRESSED)
@@ -109,7 +109,7 @@ class SnapToCodewords(torch.autograd.Function):
         """`rows` ``[M * D]``: each distinct id's codeword rows of the flat `codebooks`;
         `inverse` ``[N]``: each slot's distinct id; `parts` ``[M, D, d/D]``: the distinct queries."""
         width = codebooks.shape[-1]
-        chosen = codebooks.reshape(-1, width).index_select(0, rows)
+        chosen = gather_rows(codebooks.reshape(-1, width), rows)
         ctx.save_for_backward(chosen, rows, parts, weight)
         ctx.codebook_shape = codebooks.shape
         return chosen.view(parts.shape[0], -1).index_select(0, inverse).view(queries.shape)
@@ -119,9 +119,33 @@ class SnapToCodewords(torch.autograd.Function):
         chosen, rows, parts, weight = ctx.saved_tensors
         pull = (chosen.view(parts.shape) - parts).mul_(2 * weight.view(-1, 1, 1))
         shape = ctx.codebook_shape
-        codebook_grad = pull.new_zeros(shape.numel() // shape[-1], shape[-1])
-        codebook_grad.index_add_(0, rows, pull.view(-1, shape[-1]))
+        codebook_grad = add_rows(pull.new_zeros(shape.numel() // shape[-1], shape[-1]), rows, pull.view(-1, shape[-1]))
         return grad, codebook_grad.view(shape), None, None, None, None
+
+
+# Short rows are gathered and summed several times faster as single wide elements of their bytes.
+_WHOLE_ROW = {2: torch.int16, 4: torch.int32, 8: torch.int64, 16: torch.complex128}
+_PAIRS = {torch.float32: torch.complex64, torch.float64: torch.complex128}
+
+
+def gather_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``table.index_select(0, index)`` of a contiguous ``[n, w]`` table, each row copied as one
+    element of its bytes' width where there is such a dtype (a bitwise copy)."""
+    wide = _WHOLE_ROW.get(table.shape[1] * table.element_size())
+    if wide is None:
+        return table.index_select(0, index)
+    return table.view(wide).view(-1).index_select(0, index).view(table.dtype).view(-1, table.shape[1])
+
+
+def add_rows(total: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``total.index_add_(0, index, rows)`` of contiguous ``[n, w]`` tensors, adding each pair of
+    floats as one complex number where `w` is even (the same float additions, fewer elements)."""
+    pair = _PAIRS.get(total.dtype)
+    if pair is None or total.shape[1] % 2:
+        return total.index_add_(0, index, rows)
+    squeeze = (lambda t: t.view(-1)) if total.shape[1] == 2 else (lambda t: t)
+    squeeze(total.view(pair)).index_add_(0, index, squeeze(rows.view(pair)))
+    return total
 
 
 def first_nearest(keys: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
@@ -156,18 +180,21 @@ class CodebookRun:
         self.parts, self.part_dim, self.beta = head.parts, head.part_dim, head.beta
         self.codewords, self.rare_codewords = head.codewords, head.rare_codewords
         self.span = max(m.table.cardinality for m in members) + 1
+        self.key_dtype = torch.int32 if len(members) * self.span < 2**31 else torch.int64
         hot = [m.hot.sorted_ids + (t * self.span + 1) for t, m in enumerate(members) if m.hot is not None and m.hot.count]
-        self.hot_keys = torch.cat(hot) if hot and self.rare_codewords < self.codewords else None
+        use_hot = hot and self.rare_codewords < self.codewords
+        self.hot_keys = torch.cat(hot).to(self.key_dtype) if use_hot else None
 
     def keys(self, ids: torch.Tensor, table_dim: int | None) -> torch.Tensor:
-        """Each slot's key; `table_dim` is the tables' axis of `ids` (None: one table)."""
+        """Each slot's key; `table_dim` is the tables' axis of `ids` (None: one table). Keys are
+        int32 where they fit (`torch.unique` sorts them faster)."""
         keys = ids.to(torch.int64) + 1
-        if table_dim is None:
-            return keys
-        shape = [1] * ids.dim()
-        shape[table_dim] = len(self.members)
-        offsets = torch.arange(len(self.members), device=ids.device) * self.span
-        return keys + offsets.view(shape)
+        if table_dim is not None:
+            shape = [1] * ids.dim()
+            shape[table_dim] = len(self.members)
+            offsets = torch.arange(len(self.members), device=ids.device) * self.span
+            keys = keys + offsets.view(shape)
+        return keys.to(self.key_dtype)
 
     def combine(self, vectors: list[torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
         """Snapped vectors of queries ``[rows, tables, features, d]`` (ids ``[rows, tables, features]``)."""
@@ -176,18 +203,13 @@ class CodebookRun:
     def snap(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """``q + sg(v - q)`` of queries ``[..., d]`` whose slots have `keys` ``[...]``."""
         search = self.search(queries, keys)
-        head = self.members[0]
         valid = search.distinct % self.span != 0  # not a pad
-        weight = search.counts * valid * (self.beta * head.ranks())
+        weight = (search.counts * valid).to(queries.dtype) * (self.beta * self.members[0].ranks())
         codebooks = torch.stack([m.codebook for m in self.members])
-        rows = (search.tables.unsqueeze(1) * self.parts + torch.arange(self.parts, device=keys.device))
-        rows = rows * self.codewords + search.codes
-        return SnapToCodewords.apply(
-            queries, codebooks, rows.view(-1), search.inverse, search.parts, weight.to(queries.dtype)
-        )
+        return SnapToCodewords.apply(queries, codebooks, search.rows.view(-1), search.inverse, search.parts, weight)
 
     def search(self, queries: torch.Tensor, keys: torch.Tensor) -> "Search":
-        """Codes of every distinct key; the distinct ids in search order (rare ones last)."""
+        """The nearest codewords of every distinct key, in search order (rare ids last)."""
         flat_keys = keys.reshape(-1)
         distinct, inverse, counts = torch.unique(flat_keys, return_inverse=True, return_counts=True)
         order, units = self._plan(distinct)
@@ -195,11 +217,10 @@ class CodebookRun:
             rank = torch.empty_like(order).index_put_((order,), torch.arange(order.numel(), device=order.device))
             distinct, counts, inverse = distinct[order], counts[order], rank[inverse]
         positions = torch.arange(inverse.numel(), device=keys.device)
-        first = torch.empty_like(distinct).scatter_(0, inverse, positions)  # one slot of each
+        first = positions.new_empty(distinct.shape).scatter_(0, inverse, positions)  # one slot of each
         flat_queries = queries.detach().reshape(-1, self.parts, self.part_dim)
         parts = flat_queries.index_select(0, first)  # [M, D, d/D]
-        codes = self._nearest(parts, units)
-        return Search(distinct, distinct // self.span, inverse, counts, parts, codes)
+        return Search(distinct, inverse, counts, parts, self._nearest(parts, units))
 
     def _plan(self, distinct: torch.Tensor) -> tuple[torch.Tensor | None, list[tuple[int, int, int, int]]]:
         """How to search the distinct keys: an order (None: as they are) and its units
@@ -216,37 +237,42 @@ class CodebookRun:
 
     def _units(self, tables: torch.Tensor, codewords: int, offset: int) -> list[tuple[int, int, int, int]]:
         """Units of sorted table indices `tables`, starting at `offset` of the search order."""
-        bounds = torch.searchsorted(tables, torch.arange(len(self.members) + 1, device=tables.device))
-        edges = (bounds + offset).tolist()
+        starts = torch.arange(len(self.members) + 1, dtype=tables.dtype, device=tables.device)
+        edges = (torch.searchsorted(tables, starts) + offset).tolist()
         return [(t, codewords, a, b) for t, (a, b) in enumerate(zip(edges, edges[1:])) if b > a]
 
     def _nearest(self, parts: torch.Tensor, units: list[tuple[int, int, int, int]]) -> torch.Tensor:
-        """Codes ``[M, D]`` of distinct queries ``[M, D, d/D]``, unit by unit and in blocks of
-        `SEARCH_BLOCK` distances. The distance up to the query's own norm, ``||k||^2 - 2 q.k``,
-        is (negated) one batched product of ``[q, 1]`` with ``[2 k, -||k||^2]``."""
+        """Rows ``[M, D]`` of the stacked codebooks (``[T * D * C, d/D]``) nearest to distinct
+        queries ``[M, D, d/D]``, unit by unit and in blocks of about `SEARCH_BLOCK` distances
+        (which stay in cache). The distance up to the query's own norm, ``||k||^2 - 2 q.k``, is
+        (negated) one batched product of ``[2 k, -||k||^2]`` with ``[q, 1]``."""
         codebooks = torch.stack([m.codebook.detach() for m in self.members])  # [T, D, C, d/D]
         keys = torch.cat([2 * codebooks, -codebooks.square().sum(-1, keepdim=True)], -1)
-        points = parts.new_ones(self.parts, self.part_dim + 1, parts.shape[0])
+        points = parts.new_empty(self.parts, self.part_dim + 1, parts.shape[0])
         points[:, : self.part_dim] = parts.permute(1, 2, 0)  # [D, d/D + 1, M]
-        codes = [parts.new_empty(self.parts, 0, dtype=torch.int64)]
+        points[:, self.part_dim] = 1
+        first_rows = torch.arange(keys.shape[0] * self.parts, device=parts.device) * self.codewords
+        first_rows = first_rows.view(-1, self.parts, 1)  # [T, D, 1]: each part's codeword 0
+        rows = [first_rows.new_empty(0, self.parts)]
         for table, codewords, start, stop in units:
             block = max(1, SEARCH_BLOCK // (self.parts * codewords))
             for begin in range(start, stop, block):  # blocks of ids, never single ids
-                codes.append(first_nearest(keys[table, :, :codewords], points[:, :, begin : min(begin + block, stop)]))
-        return torch.cat(codes, 1).t()
+                nearest = first_nearest(keys[table, :, :codewords], points[:, :, begin : min(begin + block, stop)])
+                rows.append(nearest.add_(first_rows[table]).t())  # transposed while in cache
+        return torch.cat(rows)
 
 
 @dataclass(frozen=True)
 class Search:
-    """A search's distinct keys (in search order) and, per distinct id: its table, how many slots
-    hold it, its query's parts and codes; `inverse` maps each slot to its distinct id."""
+    """A search's distinct keys (in search order) and, per distinct id: how many slots hold it,
+    its query's parts ``[D, d/D]`` and its nearest codewords' rows ``[D]`` of the stacked
+    codebooks; `inverse` maps each slot to its distinct id."""
 
     distinct: torch.Tensor
-    tables: torch.Tensor
     inverse: torch.Tensor
     counts: torch.Tensor
     parts: torch.Tensor
-    codes: torch.Tensor
+    rows: torch.Tensor
 
 
 class DPQMethod(BoundAfterFusing):
@@ -281,7 +307,8 @@ class DPQMethod(BoundAfterFusing):
         (`CodebookRun.search`: once per distinct id)."""
         run = CodebookRun([self])
         search = run.search(queries, run.keys(ids, None))
-        return search.codes.index_select(0, search.inverse).view(*ids.shape, self.parts)
+        codes = search.rows % self.codewords
+        return codes.index_select(0, search.inverse).view(*ids.shape, self.parts)
 
     def combine(self, vectors: list[torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
         run = CodebookRun([self])
