@@ -48,7 +48,7 @@ from embtab.registry import MethodKind, register_method
 if TYPE_CHECKING:
     from embtab.fused_state import FusedTables
 
-SEARCH_BLOCK = 250_000  # distances per block of the nearest-codeword search (about 1 MB; see `_nearest`)
+SEARCH_BLOCK = 500_000  # distances per block of the nearest-codeword search (about 2 MB; see `_nearest`)
 
 
 @register_method(MethodKind.EXPORT_COMPRESSED)
@@ -214,8 +214,9 @@ class CodebookRun:
         distinct, inverse, counts = torch.unique(flat_keys, return_inverse=True, return_counts=True)
         order, units = self._plan(distinct)
         if order is not None:
-            rank = torch.empty_like(order).index_put_((order,), torch.arange(order.numel(), device=order.device))
-            distinct, counts, inverse = distinct[order], counts[order], rank[inverse]
+            rank = torch.empty_like(order).index_copy_(0, order, torch.arange(order.numel(), device=order.device))
+            distinct, counts = distinct.index_select(0, order), counts.index_select(0, order)
+            inverse = rank.index_select(0, inverse)
         positions = torch.arange(inverse.numel(), device=keys.device)
         first = positions.new_empty(distinct.shape).scatter_(0, inverse, positions)  # one slot of each
         flat_queries = queries.detach().reshape(-1, self.parts, self.part_dim)
@@ -230,9 +231,10 @@ class CodebookRun:
         if self.hot_keys is None:
             return None, self._units(tables, self.rare_codewords, 0)
         found = torch.searchsorted(self.hot_keys, distinct).clamp_(max=self.hot_keys.numel() - 1)
-        is_hot = self.hot_keys[found] == distinct
+        is_hot = self.hot_keys.index_select(0, found) == distinct
         hot, rare = torch.nonzero(is_hot).squeeze(1), torch.nonzero(~is_hot).squeeze(1)
-        units = self._units(tables[hot], self.codewords, 0) + self._units(tables[rare], self.rare_codewords, hot.numel())
+        units = self._units(tables.index_select(0, hot), self.codewords, 0)
+        units += self._units(tables.index_select(0, rare), self.rare_codewords, hot.numel())
         return torch.cat([hot, rare]), units
 
     def _units(self, tables: torch.Tensor, codewords: int, offset: int) -> list[tuple[int, int, int, int]]:
@@ -247,17 +249,18 @@ class CodebookRun:
         (which stay in cache). The distance up to the query's own norm, ``||k||^2 - 2 q.k``, is
         (negated) one batched product of ``[2 k, -||k||^2]`` with ``[q, 1]``."""
         codebooks = torch.stack([m.codebook.detach() for m in self.members])  # [T, D, C, d/D]
-        keys = torch.cat([2 * codebooks, -codebooks.square().sum(-1, keepdim=True)], -1)
+        keys = torch.cat([2 * codebooks, -codebooks.square().sum(-1, keepdim=True)], -1).unbind(0)
         points = parts.new_empty(self.parts, self.part_dim + 1, parts.shape[0])
         points[:, : self.part_dim] = parts.permute(1, 2, 0)  # [D, d/D + 1, M]
         points[:, self.part_dim] = 1
-        first_rows = torch.arange(keys.shape[0] * self.parts, device=parts.device) * self.codewords
-        first_rows = first_rows.view(-1, self.parts, 1)  # [T, D, 1]: each part's codeword 0
-        rows = [first_rows.new_empty(0, self.parts)]
+        first_rows = torch.arange(len(keys) * self.parts, device=parts.device) * self.codewords
+        first_rows = first_rows.view(-1, self.parts, 1).unbind(0)  # per table [D, 1]: codeword 0
+        rows = [first_rows[0].new_empty(0, self.parts)]
         for table, codewords, start, stop in units:
             block = max(1, SEARCH_BLOCK // (self.parts * codewords))
+            table_keys = keys[table] if codewords == self.codewords else keys[table][:, :codewords]
             for begin in range(start, stop, block):  # blocks of ids, never single ids
-                nearest = first_nearest(keys[table, :, :codewords], points[:, :, begin : min(begin + block, stop)])
+                nearest = first_nearest(table_keys, points[:, :, begin : min(begin + block, stop)])
                 rows.append(nearest.add_(first_rows[table]).t())  # transposed while in cache
         return torch.cat(rows)
 
