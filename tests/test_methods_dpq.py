@@ -173,6 +173,7 @@ RUNS = [
         (10, 13, 9),
         id="mgqe, each table its own hot ids",
     ),
+    pytest.param(lambda i: MGQE(parts=4, codewords=8, rare_codewords=2), (10, 13, 9), id="mgqe, no hot ids"),
 ]
 
 

@@ -181,9 +181,7 @@ class CodebookRun:
         self.codewords, self.rare_codewords = head.codewords, head.rare_codewords
         self.span = max(m.table.cardinality for m in members) + 1
         self.key_dtype = torch.int32 if len(members) * self.span < 2**31 else torch.int64
-        hot = [m.hot.sorted_ids + (t * self.span + 1) for t, m in enumerate(members) if m.hot is not None and m.hot.count]
-        use_hot = hot and self.rare_codewords < self.codewords
-        self.hot_keys = torch.cat(hot).to(self.key_dtype) if use_hot else None
+        self.hot = head.hot_key_mask(self.members, self.span) if self.rare_codewords < self.codewords else None
 
     def keys(self, ids: torch.Tensor, table_dim: int | None) -> torch.Tensor:
         """Each slot's key; `table_dim` is the tables' axis of `ids` (None: one table). Keys are
@@ -228,10 +226,9 @@ class CodebookRun:
         ``(table, codewords, start, stop)``, each a run of the ordered ids of one table that may
         use the first `codewords` codewords."""
         tables = distinct // self.span
-        if self.hot_keys is None:
+        if self.hot is None:
             return None, self._units(tables, self.rare_codewords, 0)
-        found = torch.searchsorted(self.hot_keys, distinct).clamp_(max=self.hot_keys.numel() - 1)
-        is_hot = self.hot_keys.index_select(0, found) == distinct
+        is_hot = self.hot.index_select(0, distinct)
         hot, rare = torch.nonzero(is_hot).squeeze(1), torch.nonzero(~is_hot).squeeze(1)
         units = self._units(tables.index_select(0, hot), self.codewords, 0)
         units += self._units(tables.index_select(0, rare), self.rare_codewords, hot.numel())
@@ -293,6 +290,7 @@ class DPQMethod(BoundAfterFusing):
         codebook = torch.empty(parts, codewords, self.part_dim).uniform_(-bound, bound)
         self.codebook = nn.Parameter(codebook)
         self.process_group: dist.ProcessGroup | None = None
+        self._hot_masks: dict[tuple, torch.Tensor | None] = {}
 
     def bind_fused(self, fused: "FusedTables") -> None:
         """The commitment loss is a global mean: its weight scales with the ranks fused over."""
@@ -304,6 +302,19 @@ class DPQMethod(BoundAfterFusing):
     def grouped(self, members: Sequence[TableMethod]) -> CodebookRun:
         """The run of tables `members` (this one first), snapped in one call."""
         return CodebookRun(members)  # type: ignore[arg-type]
+
+    def hot_key_mask(self, members: Sequence["DPQMethod"], span: int) -> torch.Tensor | None:
+        """Whether each key ``table * span + id + 1`` of the run `members` (this table first)
+        holds a hot id, or None where no member has one; built once per run and device (hot
+        ids never change)."""
+        cache_key = (tuple(m.table.name for m in members), span, self.codebook.device)
+        if cache_key not in self._hot_masks:
+            hot = [m.hot.sorted_ids + (t * span + 1) for t, m in enumerate(members) if m.hot is not None]
+            mask = torch.zeros(len(members) * span, dtype=torch.bool, device=self.codebook.device)
+            if hot:
+                mask[torch.cat(hot)] = True
+            self._hot_masks[cache_key] = mask if bool(mask.any()) else None
+        return self._hot_masks[cache_key]
 
     def assign(self, queries: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Codes ``[..., D]`` (int64) of queries ``[..., d]``: each part's nearest allowed codeword
