@@ -112,7 +112,7 @@ class SnapToCodewords(torch.autograd.Function):
         chosen = gather_rows(codebooks.reshape(-1, width), rows)
         ctx.save_for_backward(chosen, rows, parts, weight)
         ctx.codebook_shape = codebooks.shape
-        return chosen.view(parts.shape[0], -1).index_select(0, inverse).view(queries.shape)
+        return chosen.view(parts.shape[0], queries.shape[-1]).index_select(0, inverse).view(queries.shape)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
