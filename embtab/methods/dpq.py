@@ -200,14 +200,15 @@ class CodebookRun:
 
     def snap(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """``q + sg(v - q)`` of queries ``[..., d]`` whose slots have `keys` ``[...]``."""
-        search = self.search(queries, keys)
+        codebooks = torch.stack([m.codebook for m in self.members])  # [T, D, C, d/D]
+        search = self.search(queries, keys, codebooks.detach())
         valid = search.distinct % self.span != 0  # not a pad
         weight = (search.counts * valid).to(queries.dtype) * (self.beta * self.members[0].ranks())
-        codebooks = torch.stack([m.codebook for m in self.members])
         return SnapToCodewords.apply(queries, codebooks, search.rows.view(-1), search.inverse, search.parts, weight)
 
-    def search(self, queries: torch.Tensor, keys: torch.Tensor) -> "Search":
-        """The nearest codewords of every distinct key, in search order (rare ids last)."""
+    def search(self, queries: torch.Tensor, keys: torch.Tensor, codebooks: torch.Tensor) -> "Search":
+        """The nearest of `codebooks` (the members' own, stacked) to every distinct key, in search
+        order (rare ids last)."""
         flat_keys = keys.reshape(-1)
         distinct, inverse, counts = torch.unique(flat_keys, return_inverse=True, return_counts=True)
         order, units = self._plan(distinct)
@@ -219,7 +220,7 @@ class CodebookRun:
         first = positions.new_empty(distinct.shape).scatter_(0, inverse, positions)  # one slot of each
         flat_queries = queries.detach().reshape(-1, self.parts, self.part_dim)
         parts = flat_queries.index_select(0, first)  # [M, D, d/D]
-        return Search(distinct, inverse, counts, parts, self._nearest(parts, units))
+        return Search(distinct, inverse, counts, parts, self._nearest(codebooks, parts, units))
 
     def _plan(self, distinct: torch.Tensor) -> tuple[torch.Tensor | None, list[tuple[int, int, int, int]]]:
         """How to search the distinct keys: an order (None: as they are) and its units
@@ -240,12 +241,13 @@ class CodebookRun:
         edges = (torch.searchsorted(tables, starts) + offset).tolist()
         return [(t, codewords, a, b) for t, (a, b) in enumerate(zip(edges, edges[1:])) if b > a]
 
-    def _nearest(self, parts: torch.Tensor, units: list[tuple[int, int, int, int]]) -> torch.Tensor:
+    def _nearest(
+        self, codebooks: torch.Tensor, parts: torch.Tensor, units: list[tuple[int, int, int, int]]
+    ) -> torch.Tensor:
         """Rows ``[M, D]`` of the stacked codebooks (``[T * D * C, d/D]``) nearest to distinct
         queries ``[M, D, d/D]``, unit by unit and in blocks of about `SEARCH_BLOCK` distances
         (which stay in cache). The distance up to the query's own norm, ``||k||^2 - 2 q.k``, is
         (negated) one batched product of ``[2 k, -||k||^2]`` with ``[q, 1]``."""
-        codebooks = torch.stack([m.codebook.detach() for m in self.members])  # [T, D, C, d/D]
         keys = torch.cat([2 * codebooks, -codebooks.square().sum(-1, keepdim=True)], -1).unbind(0)
         points = parts.new_empty(self.parts, self.part_dim + 1, parts.shape[0])
         points[:, : self.part_dim] = parts.permute(1, 2, 0)  # [D, d/D + 1, M]
@@ -320,7 +322,7 @@ class DPQMethod(BoundAfterFusing):
         """Codes ``[..., D]`` (int64) of queries ``[..., d]``: each part's nearest allowed codeword
         (`CodebookRun.search`: once per distinct id)."""
         run = CodebookRun([self])
-        search = run.search(queries, run.keys(ids, None))
+        search = run.search(queries, run.keys(ids, None), self.codebook.detach().unsqueeze(0))
         codes = search.rows % self.codewords
         return codes.index_select(0, search.inverse).view(*ids.shape, self.parts)
 
