@@ -15,6 +15,12 @@ the chosen codewords, scaled by the number of ranks so the data-parallel average
 batch's term): training with DPQ needs no change to the loss or the trainer, and no state is kept
 between the forward and the backward. Padded per-id slots (id -1) carry no term.
 
+The search (`CodebookRun`) runs once per distinct id of the batch, for a whole run of DPQ tables
+at once (`DPQMethod.grouped`): ``||k||^2 - 2 q.k`` (the distance up to the query's own norm) comes
+from one batched product per table, and its first minimum along the codewords (exact ties go to the
+lower index, as with ``argmin``) from a max pooling of the negated distances, which torch reduces
+vectorized where ``argmin`` over the codewords is about 20x slower.
+
 At inference only the codes (``n x D``, ``ceil(log2 C)`` bits each) and the codebook are kept:
 `DPQMethod.codes` gives the codes of every id from the trained query table, `export_bytes` their
 size. Export ratio against the float32 table (``4 d`` bytes per id):
