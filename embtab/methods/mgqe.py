@@ -13,8 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from embtab.config import LogicalTable
 from embtab.methods.dpq import DPQ, DPQMethod, code_bits
 from embtab.checks import check_int
