@@ -149,8 +149,8 @@ def add_rows(total: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> to
     pair = _PAIRS.get(total.dtype)
     if pair is None or total.shape[1] % 2:
         return total.index_add_(0, index, rows)
-    squeeze = (lambda t: t.view(-1)) if total.shape[1] == 2 else (lambda t: t)
-    squeeze(total.view(pair)).index_add_(0, index, squeeze(rows.view(pair)))
+    shape = (-1,) if total.shape[1] == 2 else (-1, total.shape[1] // 2)
+    total.view(pair).view(shape).index_add_(0, index, rows.view(pair).view(shape))
     return total
 
 
@@ -252,7 +252,7 @@ class CodebookRun:
     ) -> torch.Tensor:
         """Rows ``[M, D]`` of the stacked codebooks (``[T * D * C, d/D]``) nearest to distinct
         queries ``[M, D, d/D]``, unit by unit and in blocks of about `SEARCH_BLOCK` distances
-        (which stay in cache). The distance up to the query's own norm, ``||k||^2 - 2 q.k``, is
+        (a few MB, near the cache's size). The distance up to the query's own norm, ``||k||^2 - 2 q.k``, is
         (negated) one batched product of ``[2 k, -||k||^2]`` with ``[q, 1]``."""
         keys = torch.cat([2 * codebooks, -codebooks.square().sum(-1, keepdim=True)], -1).unbind(0)
         points = parts.new_empty(self.parts, self.part_dim + 1, parts.shape[0])
