@@ -234,3 +234,15 @@ def test_exact_ties_go_to_the_first_nearest_codeword():
         method.codebook.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]]))
     queries = torch.tensor([[0.9, 0.1] * 8, [0.2, 0.8] * 8, [0.5, 0.5] * 8])  # nearer 0, nearer 1, tied
     assert method.codes(queries).tolist() == [[0] * 8, [1] * 8, [0] * 8]
+
+
+@pytest.mark.parametrize("width", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_wide_row_gathers_and_sums_equal_index_select_and_index_add(width, dtype):
+    g = torch.Generator().manual_seed(width)
+    table = torch.randn(9, width, generator=g).to(dtype)
+    index = torch.randint(0, 9, (40,), generator=g)
+    rows = torch.randn(40, width, generator=g).to(dtype)
+    assert torch.equal(dpq.gather_rows(table, index), table.index_select(0, index))
+    expected = table.clone().index_add_(0, index, rows)
+    assert torch.equal(dpq.add_rows(table.clone(), index, rows), expected)
