@@ -206,7 +206,8 @@ class CodebookRun:
 
     def snap(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """``q + sg(v - q)`` of queries ``[..., d]`` whose slots have `keys` ``[...]``."""
-        codebooks = torch.stack([m.codebook for m in self.members])  # [T, D, C, d/D]
+        books = [m.codebook for m in self.members]
+        codebooks = torch.stack(books) if len(books) > 1 else books[0].unsqueeze(0)  # [T, D, C, d/D]
         search = self.search(queries, keys, codebooks.detach())
         valid = search.distinct % self.span != 0  # not a pad
         weight = (search.counts * valid).to(queries.dtype) * (self.beta * self.members[0].ranks())
@@ -260,14 +261,14 @@ class CodebookRun:
         points[:, self.part_dim] = 1
         first_rows = torch.arange(len(keys) * self.parts, device=parts.device) * self.codewords
         first_rows = first_rows.view(-1, self.parts, 1).unbind(0)  # per table [D, 1]: codeword 0
-        rows = [first_rows[0].new_empty(0, self.parts)]
+        rows = []
         for table, codewords, start, stop in units:
             block = max(1, SEARCH_BLOCK // (self.parts * codewords))
             table_keys = keys[table] if codewords == self.codewords else keys[table][:, :codewords]
             for begin in range(start, stop, block):  # blocks of ids, never single ids
                 nearest = first_nearest(table_keys, points[:, :, begin : min(begin + block, stop)])
                 rows.append(nearest.add_(first_rows[table]).t())  # transposed while in cache
-        return torch.cat(rows)
+        return torch.cat(rows) if rows else first_rows[0].new_empty(0, self.parts)
 
 
 @dataclass(frozen=True)
