@@ -1,7 +1,8 @@
 """DPQ and MGQE: codes against a per-id nearest-codeword search, forward and a fused SGD step
 against the paper's straight-through output ``q + sg(v - q)`` with the codebook term
 ``beta ||v - sg(q)||^2`` written out with autograd, MGQE's frequency groups, the export's codes and
-bytes, bad parameters, TOML round trips."""
+bytes, bad parameters, TOML round trips; a run of tables snapped in one call (`DPQMethod.grouped`)
+against the formula and against each table alone; ties."""
 
 from __future__ import annotations
 
@@ -140,3 +141,108 @@ def test_a_budget_below_the_training_size_is_refused_with_that_size():
     assert training == (60 + 40) * (16 * 4 + 4) + 2 * 4 * 8 * 4 * 4
     with pytest.raises(ValueError, match=rf"below the 'dpq' configuration's fixed {training} bytes"):
         solve_budget(spec, training // 4, optimizer)
+
+
+def _run_of_tables(spec_of, cardinalities):
+    """Methods for tables of `cardinalities` (spec_of(i) builds table i's spec), random codebooks."""
+    torch.manual_seed(3)
+    methods = []
+    for i, cardinality in enumerate(cardinalities):
+        spec = spec_of(i)
+        method = spec.build(LogicalTable(f"t{i}", cardinality, DIM, FEATURES[2:], spec))
+        with torch.no_grad():
+            method.codebook.normal_()
+        methods.append(method)
+    return methods
+
+
+def _run_inputs(cardinalities, rows=7, features=2):
+    """Ids ``[rows, tables, features]`` (some -1: padded) and their queries, one table row per id."""
+    torch.manual_seed(4)
+    tables = [torch.randn(c, DIM) for c in cardinalities]
+    ids = torch.stack([torch.randint(-1, c, (rows, features)) for c in cardinalities], 1)
+    ids[:2, 0] = 2  # repeated ids
+    queries = torch.stack([tables[t][ids[:, t].clamp(min=0)] for t in range(len(tables))], 1)
+    return ids, queries
+
+
+RUNS = [
+    pytest.param(lambda i: DPQ(parts=8, codewords=4, beta=0.5), (10, 13, 9), id="dpq"),
+    pytest.param(
+        lambda i: MGQE(parts=4, codewords=8, rare_codewords=3, hot_ids=((1, 2, 7), (), (0, 2, 3, 4))[i]),
+        (10, 13, 9),
+        id="mgqe, each table its own hot ids",
+    ),
+    pytest.param(lambda i: MGQE(parts=4, codewords=8, rare_codewords=2), (10, 13, 9), id="mgqe, no hot ids"),
+]
+
+
+@pytest.mark.parametrize("spec_of,cardinalities", RUNS)
+def test_a_run_of_tables_snaps_each_id_by_the_formula_with_its_own_codebook(spec_of, cardinalities):
+    """One call for several tables: every valid slot's output is its nearest allowed codewords of
+    its own table, its query's gradient passes straight through, and each table's codebook gets
+    ``beta * ||v - sg(q)||^2`` summed over that table's slots only."""
+    methods = _run_of_tables(spec_of, cardinalities)
+    ids, queries = _run_inputs(cardinalities)
+    queries.requires_grad_()
+    upstream = torch.randn(queries.shape)
+    out = methods[0].grouped(methods).combine([queries], ids)
+    (out * upstream).sum().backward()
+    torch.testing.assert_close(queries.grad, upstream)
+    naive_books = [m.codebook.detach().clone().requires_grad_() for m in methods]
+    for t, (method, book) in enumerate(zip(methods, naive_books)):
+        spec = spec_of(t)
+        for r, f in (ids[:, t] >= 0).nonzero().tolist():
+            i, q = int(ids[r, t, f]), queries[r, t, f].detach()
+            allowed = spec.rare_codewords if isinstance(spec, MGQE) and i not in spec.hot_ids else spec.codewords
+            codes = nearest(q, book.detach(), allowed)
+            v = torch.cat([book[p, c] for p, c in enumerate(codes)])
+            (spec.beta * ((v - q) ** 2).sum()).backward()
+            torch.testing.assert_close(out[r, t, f], v.detach())
+        torch.testing.assert_close(method.codebook.grad, book.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("spec_of,cardinalities", RUNS)
+def test_a_run_of_tables_equals_each_table_combined_alone(spec_of, cardinalities, monkeypatch):
+    monkeypatch.setattr(dpq, "SEARCH_BLOCK", 40)  # several blocks per table
+    methods = _run_of_tables(spec_of, cardinalities)
+    ids, queries = _run_inputs(cardinalities)
+    upstream = torch.randn(queries.shape)
+    results = []
+    for grouped in (True, False):
+        for m in methods:
+            m.codebook.grad = None
+        leaf = queries.clone().requires_grad_()
+        if grouped:
+            out = methods[0].grouped(methods).combine([leaf], ids)
+        else:
+            out = torch.stack([m.combine([leaf[:, t]], ids[:, t]) for t, m in enumerate(methods)], 1)
+        (out * upstream).sum().backward()
+        results.append((out.detach(), leaf.grad, [m.codebook.grad.clone() for m in methods]))
+    (out_run, grad_run, books_run), (out_alone, grad_alone, books_alone) = results
+    valid = ids >= 0
+    assert torch.equal(out_run[valid], out_alone[valid])
+    assert torch.equal(grad_run, grad_alone)
+    for run_grad, alone_grad in zip(books_run, books_alone):
+        torch.testing.assert_close(run_grad, alone_grad)
+
+
+def test_exact_ties_go_to_the_first_nearest_codeword():
+    spec = DPQ(parts=8, codewords=4)
+    method = spec.build(LogicalTable("item", 40, DIM, FEATURES[2:], spec))
+    with torch.no_grad():
+        method.codebook.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]]))
+    queries = torch.tensor([[0.9, 0.1] * 8, [0.2, 0.8] * 8, [0.5, 0.5] * 8])  # nearer 0, nearer 1, tied
+    assert method.codes(queries).tolist() == [[0] * 8, [1] * 8, [0] * 8]
+
+
+@pytest.mark.parametrize("width", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_wide_row_gathers_and_sums_equal_index_select_and_index_add(width, dtype):
+    g = torch.Generator().manual_seed(width)
+    table = torch.randn(9, width, generator=g).to(dtype)
+    index = torch.randint(0, 9, (40,), generator=g)
+    rows = torch.randn(40, width, generator=g).to(dtype)
+    assert torch.equal(dpq.gather_rows(table, index), table.index_select(0, index))
+    expected = table.clone().index_add_(0, index, rows)
+    assert torch.equal(dpq.add_rows(table.clone(), index, rows), expected)

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from embtab.config import LogicalTable
 from embtab.methods.dpq import DPQ, DPQMethod, code_bits
 from embtab.checks import check_int
@@ -60,12 +58,6 @@ class MGQEMethod(DPQMethod):
         super().__init__(table, spec.parts, spec.codewords, spec.beta)
         self.rare_codewords = spec.rare_codewords
         self.hot = HotIds(spec.hot_ids, bases=[0])
-
-    def allowed(self, ids: torch.Tensor) -> torch.Tensor | None:
-        if self.hot.count == 0:
-            return torch.full_like(ids, self.rare_codewords, dtype=torch.int64)
-        is_hot, _ = self.hot.find(ids.to(torch.int64).contiguous())
-        return torch.where(is_hot, self.codewords, self.rare_codewords)
 
     def export_bytes(self) -> int:
         hot = self.hot.count
