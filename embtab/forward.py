@@ -193,27 +193,34 @@ def combine(
                 pooled_blocks[name] = out.pooled
             sequence.update(out.sequence)
         elif head == name:
-            pooled_blocks[name] = combine_group(layout, methods[name], name, inputs, stride, looked_up)
+            pooled_blocks[name] = combine_group(layout, methods, name, inputs, stride, looked_up)
     return pooled_output(layout, methods, pooled_blocks, stride), sequence
 
 
 def combine_group(
     layout: Layout,
-    method: TableMethod,
+    methods: Mapping[str, TableMethod],
     head: str,
     inputs: Mapping[str, TableInput],
     stride: int,
     looked_up: LookupOutputs,
 ) -> torch.Tensor:
-    """One combine call for a run of like tables (the same method on stacked columns)."""
+    """One combine call for a run of like tables (stacked columns; `TableMethod.grouped` of the
+    run, given the run's ids ``[rows, tables, features]`` when its combine takes them)."""
     names = layout.group(head)
+    method = methods[head]
     pieces = layout.pieces_of(head)
     block = looked_up.blocks[pieces[0].bucket][(head, -1)]
     features, width = len(pieces[0].keys), method.physical_tables[0].dim
     stacked = block.reshape(block.shape[0], len(names), len(pieces), features, width)
     # one probe: a reshape, whose backward is a view, not unbind's zero-filled copy
     probes = [stacked.squeeze(2)] if len(pieces) == 1 else list(stacked.unbind(2))
-    combined = method.combine(probes)
+    run = method.grouped([methods[n] for n in names])
+    if method.combine_uses_ids:
+        ids = torch.stack([_padded_ids(inputs[n], block.shape[0]) for n in names], 1)
+        combined = run.combine(probes, ids)
+    else:
+        combined = run.combine(probes)
     lengths = torch.cat([inputs[n].lengths for n in names])
     if pieces[0].bucket == POOLED_BUCKET or bool((lengths == 1).all()):
         return first_rows(combined, stride).reshape(stride, -1)

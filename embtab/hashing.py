@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import operator
+from typing import Sequence
 
 import torch
 
@@ -187,6 +188,22 @@ def hash64(ids: torch.Tensor, salt: int = 0) -> torch.Tensor:
     """
     _check_ids(ids)
     return _hash(ids, salt, None)
+
+
+def hash64_salted(ids: torch.Tensor, salts: Sequence[int], dim: int) -> torch.Tensor:
+    """`hash64` of int64 `ids` with ``salts[i]`` along dimension `dim` (of size ``len(salts)``):
+    bit for bit ``torch.stack([hash64(x, s) for x, s in zip(ids.unbind(dim), salts)], dim)``, in
+    one vectorized pass (a run of tables hashes each table's ids with its own salt)."""
+    if ids.dtype != torch.int64:
+        raise TypeError(f"ids must be int64, got {ids.dtype}")
+    if ids.shape[dim] != len(salts):
+        raise ValueError(f"{len(salts)} salts for {ids.shape[dim]} entries along dimension {dim}")
+    shape = [1] * ids.dim()
+    shape[dim] = len(salts)
+    k1, k2 = torch.tensor([_salt_keys(s) for s in salts], dtype=torch.int64, device=ids.device).t()
+    x = torch.bitwise_xor(ids, k1.view(shape))
+    _rounds_(x, k2.view(shape), torch.empty_like(x))
+    return x
 
 
 def hash_to_range(ids: torch.Tensor, num_buckets: int, salt: int = 0) -> torch.Tensor:

@@ -119,7 +119,7 @@ def compile_layout(tables: Sequence[LogicalTable], methods: Mapping[str, MethodL
     Raises:
         ValueError: two methods declare one physical table differently, a width is not a
             multiple of 4 (fbgemm's fused kernels need it), or a combine that takes the ids would
-            see pooled or grouped vectors.
+            see pooled vectors.
     """
     logical = {t.name: t for t in tables}
     physical = _physical_tables(logical, methods)
@@ -157,11 +157,11 @@ def _physical_tables(
 
 
 def _check_combine_inputs(name: str, method: MethodLayout) -> None:
-    """A combine that takes the ids sees them per id, on its own (not pooled, not grouped)."""
-    if method.combine_uses_ids and (method.pooling_commutes or method.combine_signature()):
+    """A combine that takes the ids sees them per id (not pooled)."""
+    if method.combine_uses_ids and method.pooling_commutes:
         raise ValueError(
-            f"table {name!r}: a combine that takes the ids needs per-id lookups on their "
-            "own (pooling_commutes False, combine_signature None)"
+            f"table {name!r}: a combine that takes the ids needs per-id lookups "
+            "(pooling_commutes False)"
         )
 
 
@@ -201,13 +201,19 @@ def _group_key(
     pieces: Sequence[Piece],
 ) -> tuple | None:
     """Tables with equal keys combine in one call on their stacked columns: bag lookups only,
-    the same combine, sum pooling, physical tables of one width that no other table reads."""
+    the same combine, sum pooling, physical tables of one width that no table of another
+    combine reads (one shared array, as ROBE's, may serve the whole run)."""
     method, table = methods[name], logical[name]
     signature = method.combine_signature()
     own_pieces = [p for p in pieces if p.table == name]
     buckets = {p.bucket for p in own_pieces}
     widths = {t.dim for t in method.physical_tables}
-    others = {t.name for n in logical if n != name for t in methods[n].physical_tables}
+    others = {
+        t.name
+        for n in logical
+        if n != name and methods[n].combine_signature() != signature
+        for t in methods[n].physical_tables
+    }
     own = not others & {t.name for t in method.physical_tables}
     if signature is None or len(buckets) != 1 or len(widths) != 1 or not own:
         return None

@@ -246,3 +246,28 @@ def test_wide_row_gathers_and_sums_equal_index_select_and_index_add(width, dtype
     assert torch.equal(dpq.gather_rows(table, index), table.index_select(0, index))
     expected = table.clone().index_add_(0, index, rows)
     assert torch.equal(dpq.add_rows(table.clone(), index, rows), expected)
+
+
+RUN_FEATURES = tuple(
+    f for name, cardinality in (("a", 32), ("b", 40), ("c", 35))
+    for f in (embtab.FeatureSpec(name, cardinality), embtab.FeatureSpec(f"{name}2", cardinality, table=name))
+)
+
+
+@pytest.mark.parametrize(
+    "spec", [DPQ(parts=8, codewords=4, beta=0.5), MGQE(parts=4, codewords=8, rare_codewords=2, hot_ids=HOT)]
+)
+def test_like_tables_snap_in_one_run_by_the_formula(spec):
+    """Three DPQ tables of one configuration are combined in one call (`DPQMethod.grouped`);
+    forward, fused step and codebook gradients still follow the per-id formula."""
+    torch.manual_seed(0)
+    tables = embtab.EmbeddingTables(embtab.EmbeddingSpec(features=RUN_FEATURES, dim=DIM, method=spec))
+    assert set(tables.layout.group_of.values()) == {"a"}  # one run: a, b, c
+    codebooks = {name: m.codebook.detach().clone().requires_grad_() for name, m in tables.methods.items()}
+    kjt = random_kjt(RUN_FEATURES, batch=6, seed=2, max_len=4)
+    dmp, _ = assert_fused_step_matches_reference(
+        tables, kjt, lambda w, t, ids: naive_vectors(w, codebooks, spec, t, ids)
+    )
+    for name, codebook in codebooks.items():
+        ours = next(p.grad for key, p in dmp.named_parameters() if key.endswith(f"methods.{name}.codebook"))
+        torch.testing.assert_close(ours, codebook.grad, atol=1e-6, rtol=1e-5)

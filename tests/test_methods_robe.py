@@ -57,6 +57,26 @@ def test_forward_and_fused_step_match_the_circular_array_formula(rows, chunks, d
     assert_fused_step_matches_reference(tables, kjt, reference)
 
 
+RUN_FEATURES = tuple(
+    f
+    for name, cardinality in (("a", 320), ("b", 400), ("c", 350))
+    for f in (embtab.FeatureSpec(name, cardinality), embtab.FeatureSpec(f"{name}2", cardinality, table=name))
+)
+
+
+@pytest.mark.parametrize("rows,chunks", [(40, 1), (64, 4)])
+def test_a_run_of_tables_on_one_array_reads_in_one_call_by_the_formula(rows, chunks):
+    """Three pooled tables on the shared array combine in one `ROBERun` (each with its own
+    salts); forward and fused step still follow the per-float formula."""
+    spec = ROBE(rows=rows, chunks=chunks, salt=3)
+    torch.manual_seed(0)
+    tables = embtab.EmbeddingTables(embtab.EmbeddingSpec(features=RUN_FEATURES, dim=DIM, method=spec))
+    assert tables.layout.group_of == {"a": "a", "b": "a", "c": "a"}
+    kjt = random_kjt(RUN_FEATURES, batch=6, seed=4, max_len=4)
+    reference = lambda w, t, ids: naive_vectors(w["robe"].reshape(-1), spec, t, ids)  # noqa: E731
+    assert_fused_step_matches_reference(tables, kjt, reference)
+
+
 def test_reads_are_consecutive_signed_floats_from_a_hashed_offset():
     spec = ROBE(rows=1000)
     method = spec.build(LogicalTable("item", 300, DIM, FEATURES[2:], spec))

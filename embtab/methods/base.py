@@ -21,7 +21,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Sequence, TypeVar
 
 import torch
 from torch import nn
@@ -75,8 +75,8 @@ class TableMethod(nn.Module):
         combine_uses_ids: `combine` takes the logical ids too, ``combine(vectors, ids)`` with `ids`
             shaped like the vectors' leading dimensions (-1 where a per-id block is padded); for
             methods whose combine depends on the id (sign hashes, frequency groups). Such a
-            method combines per id (``pooling_commutes = False``) and on its own
-            (`combine_signature` None).
+            method combines per id (``pooling_commutes = False``); a run of its tables combines
+            in one call of `grouped` when it declares a `combine_signature`.
         max_id: ids must be below this (the full table); ``None`` accepts any non-negative id.
     """
 
@@ -122,10 +122,24 @@ class TableMethod(nn.Module):
         None (the default) combines this table on its own."""
         return None
 
+    def grouped(self, members: Sequence["TableMethod"]) -> "TableMethod | RunCombiner":
+        """What combines a run of like tables (`members`, this one first, equal signatures) in
+        one call on vectors stacked ``[..., tables, features, dim]``: this method itself when its
+        combine does not depend on the table (the default); a method whose combine depends on
+        the table (its salts, codebook) returns a combiner of the run's, whose ``combine`` also
+        takes the ids ``[..., tables, features]`` when `combine_uses_ids`."""
+        return self
+
     def extra_bytes(self) -> int:
         """Bytes of the method's own parameters and buffers (projections, importance weights)."""
         tensors = list(self.parameters()) + list(self.buffers())
         return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class RunCombiner(Protocol):
+    """Combines a run of like tables in one call (`TableMethod.grouped`)."""
+
+    def combine(self, vectors: list[torch.Tensor], ids: torch.Tensor) -> torch.Tensor: ...
 
 
 class SizedSpec(MethodSpec):

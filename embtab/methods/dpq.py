@@ -308,6 +308,10 @@ class DPQMethod(BoundAfterFusing):
     def remap(self, ids: torch.Tensor) -> torch.Tensor:
         return ids.unsqueeze(0)
 
+    def combine_signature(self) -> tuple | None:
+        """Tables of one configuration snap in one `CodebookRun` (their own codebooks, hot ids)."""
+        return ("dpq", self.parts, self.codewords, self.rare_codewords, self.part_dim, self.beta)
+
     def grouped(self, members: Sequence[TableMethod]) -> CodebookRun:
         """The run of tables `members` (this one first), snapped in one call."""
         return CodebookRun(members)  # type: ignore[arg-type]

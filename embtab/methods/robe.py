@@ -34,12 +34,12 @@ Memory: ``w * rows`` floats in all, whatever the number of tables on the array (
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Sequence
 
 import torch
 
 from embtab.config import LogicalTable
-from embtab.hashing import hash64, salt_of
+from embtab.hashing import hash64_salted, salt_of
 from embtab.methods.base import PhysicalTable, SizedSpec, TableMethod
 from embtab.checks import check_int
 from embtab.registry import MethodKind, register_method
@@ -118,6 +118,8 @@ class ROBEMethod(TableMethod):
         array = PhysicalTable(spec.table, spec.rows, self.width)
         self.physical_tables = (array,) * (spec.chunks * self.probes)
         self.max_id = None
+        self.array = spec.table
+        self._runs: dict[tuple[int, ...], ROBERun] = {}
 
     def hashes(self) -> list[tuple[int, int]]:
         return [(self.floats, salt) for salt in self.offset_salts]
@@ -127,28 +129,70 @@ class ROBEMethod(TableMethod):
         steps = torch.arange(self.probes, device=ids.device).unsqueeze(1)
         return torch.cat([torch.remainder(row + steps, self.rows) for row in first_rows])
 
+    def combine_signature(self) -> tuple | None:
+        """Tables on one array with one chunk layout read in one `ROBERun` (their own salts)."""
+        return ("robe", self.array, self.rows, self.chunks, self.length)
+
+    def grouped(self, members: Sequence[TableMethod]) -> "ROBERun":
+        """The run of tables `members` (this one first), read in one call."""
+        key = tuple(id(m) for m in members)
+        if key not in self._runs:
+            self._runs[key] = ROBERun(members)  # type: ignore[arg-type]
+        return self._runs[key]
+
     def combine(self, vectors: list[torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
+        run = self.grouped([self])
+        return run.read([v.unsqueeze(-2) for v in vectors], ids.unsqueeze(-1), -1).squeeze(-2)
+
+
+class ROBERun:
+    """ROBE tables of one array and chunk layout read in one call: vectors stacked
+    ``[rows, tables, features, width]``, each table hashed with its own salts."""
+
+    def __init__(self, members: Sequence[ROBEMethod]) -> None:
+        first = members[0]
+        self.chunks, self.probes, self.length = first.chunks, first.probes, first.length
+        self.width, self.floats = first.width, first.floats
+        self.offset_salts = [[m.offset_salts[c] for m in members] for c in range(self.chunks)]
+        words = len(first.sign_salts[0])
+        self.sign_salts = [
+            [[m.sign_salts[c][w] for m in members] for w in range(words)] for c in range(self.chunks)
+        ]
+
+    def combine(self, vectors: list[torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
+        """Vectors ``[rows, tables, features, dim]`` of ids ``[rows, tables, features]``."""
+        return self.read(vectors, ids, 1)
+
+    def read(self, vectors: list[torch.Tensor], ids: torch.Tensor, table_dim: int) -> torch.Tensor:
+        """The vectors of `ids`, whose dimension `table_dim` runs over the tables; `vectors`
+        are the looked-up rows ``[*ids.shape, width]``."""
         ids = ids.to(torch.int64)
         positions = torch.arange(self.length, device=ids.device)
         chunks = []
         for c in range(self.chunks):  # Z chunks (1 by default), each vectorized over every id
-            window = torch.cat(vectors[c * self.probes : (c + 1) * self.probes], dim=-1)
-            word = hash64(ids, self.offset_salts[c])
+            probes = vectors[c * self.probes : (c + 1) * self.probes]
+            window = probes[0] if len(probes) == 1 else torch.cat(probes, dim=-1)
+            word = hash64_salted(ids, self.offset_salts[c], table_dim)
             # the remap's offset (hash_to_range: the top 63 bits mod m), from the same 64-bit hash
             offset = torch.bitwise_right_shift(word, 1).bitwise_and_(2**63 - 1) % self.floats
             floats = torch.gather(window, -1, (offset % self.width).unsqueeze(-1) + positions)
-            negated = self._negated(word, ids, self.sign_salts[c], positions)
-            chunks.append(floats * negated.to(floats.dtype).mul_(-2).add_(1))
+            negated = self._negated(word, ids, self.sign_salts[c], positions, table_dim)
+            chunks.append(floats * torch.where(negated, -1.0, 1.0).to(floats.dtype))
         return chunks[0] if self.chunks == 1 else torch.cat(chunks, dim=-1)
 
     @staticmethod
     def _negated(
-        first: torch.Tensor, ids: torch.Tensor, salts: list[int], positions: torch.Tensor
+        first: torch.Tensor,
+        ids: torch.Tensor,
+        salts: list[list[int]],
+        positions: torch.Tensor,
+        table_dim: int,
     ) -> torch.Tensor:
-        """``[..., L]`` of 0/1, 1 where float j is negated: bit ``63 - j % 32`` of hash word
-        ``j // 32`` (word 0 the offset's hash `first`, the others hashed with `salts`)."""
+        """``[..., L]``, True where float j is negated: bit ``63 - j % 32`` of hash word
+        ``j // 32`` (word 0 the offset's hash `first`, the others hashed with `salts`, per
+        table), the sign bit once the word is shifted left by ``j % 32``."""
         words = first.unsqueeze(-1)
         if salts:
-            words = torch.stack([first, *(hash64(ids, salt) for salt in salts)], dim=-1)
+            words = torch.stack([first, *(hash64_salted(ids, s, table_dim) for s in salts)], dim=-1)
             words = words[..., positions // SIGN_BITS]
-        return torch.bitwise_right_shift(words, 63 - positions % SIGN_BITS) & 1
+        return torch.bitwise_left_shift(words, positions % SIGN_BITS) < 0
