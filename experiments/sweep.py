@@ -573,7 +573,7 @@ def pareto_plot(results: pl.DataFrame, path: Path) -> None:
             label=method,
         )
     ax.set_xscale("log")
-    ax.set_xlabel("embedding bytes (weights + optimizer state; PEP: CSR export)")
+    ax.set_xlabel("embedding bytes (weights + optimizer state; element-sparse exports as CSR)")
     ax.set_ylabel("test AUC")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
