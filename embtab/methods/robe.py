@@ -119,7 +119,6 @@ class ROBEMethod(TableMethod):
         self.physical_tables = (array,) * (spec.chunks * self.probes)
         self.max_id = None
         self.array = spec.table
-        self._runs: dict[tuple[int, ...], ROBERun] = {}
 
     def hashes(self) -> list[tuple[int, int]]:
         return [(self.floats, salt) for salt in self.offset_salts]
@@ -135,13 +134,10 @@ class ROBEMethod(TableMethod):
 
     def grouped(self, members: Sequence[TableMethod]) -> "ROBERun":
         """The run of tables `members` (this one first), read in one call."""
-        key = tuple(id(m) for m in members)
-        if key not in self._runs:
-            self._runs[key] = ROBERun(members)  # type: ignore[arg-type]
-        return self._runs[key]
+        return ROBERun(members)  # type: ignore[arg-type]
 
     def combine(self, vectors: list[torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
-        run = self.grouped([self])
+        run = ROBERun([self])
         return run.read([v.unsqueeze(-2) for v in vectors], ids.unsqueeze(-1), -1).squeeze(-2)
 
 
