@@ -206,21 +206,22 @@ def combine_group(
     looked_up: LookupOutputs,
 ) -> torch.Tensor:
     """One combine call for a run of like tables (stacked columns; `TableMethod.grouped` of the
-    run, given the run's ids ``[rows, tables, features]`` when its combine takes them)."""
+    run). A `RunCombiner` (a combine that takes the ids) gets the whole block ``[rows, tables,
+    probes, features, width]`` and the ids ``[rows, tables, features]``; otherwise the method
+    gets the probes ``[rows, tables, features, width]`` as a list, like `TableMethod.combine`."""
     names = layout.group(head)
     method = methods[head]
     pieces = layout.pieces_of(head)
     block = looked_up.blocks[pieces[0].bucket][(head, -1)]
     features, width = len(pieces[0].keys), method.physical_tables[0].dim
     stacked = block.reshape(block.shape[0], len(names), len(pieces), features, width)
-    # one probe: a reshape, whose backward is a view, not unbind's zero-filled copy
-    probes = [stacked.squeeze(2)] if len(pieces) == 1 else list(stacked.unbind(2))
     run = method.grouped([methods[n] for n in names])
     if method.combine_uses_ids:
         ids = torch.stack([_padded_ids(inputs[n], block.shape[0]) for n in names], 1)
-        combined = run.combine(probes, ids)
+        combined = run.combine(stacked, ids)
     else:
-        combined = run.combine(probes)
+        # one probe: a reshape, whose backward is a view, not unbind's zero-filled copy
+        combined = run.combine([stacked.squeeze(2)] if len(pieces) == 1 else list(stacked.unbind(2)))
     lengths = torch.cat([inputs[n].lengths for n in names])
     if pieces[0].bucket == POOLED_BUCKET or bool((lengths == 1).all()):
         return first_rows(combined, stride).reshape(stride, -1)

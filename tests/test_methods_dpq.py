@@ -191,7 +191,7 @@ def test_a_run_of_tables_snaps_each_id_by_the_formula_with_its_own_codebook(spec
     ids, queries = _run_inputs(cardinalities)
     queries.requires_grad_()
     upstream = torch.randn(queries.shape)
-    out = methods[0].grouped(methods).combine([queries], ids)
+    out = methods[0].grouped(methods).combine(queries.unsqueeze(2), ids)
     (out * upstream).sum().backward()
     torch.testing.assert_close(queries.grad, upstream)
     naive_books = [m.codebook.detach().clone().requires_grad_() for m in methods]
@@ -219,7 +219,7 @@ def test_a_run_of_tables_equals_each_table_combined_alone(spec_of, cardinalities
             m.codebook.grad = None
         leaf = queries.clone().requires_grad_()
         if grouped:
-            out = methods[0].grouped(methods).combine([leaf], ids)
+            out = methods[0].grouped(methods).combine(leaf.unsqueeze(2), ids)
         else:
             out = torch.stack([m.combine([leaf[:, t]], ids[:, t]) for t, m in enumerate(methods)], 1)
         (out * upstream).sum().backward()

@@ -13,7 +13,7 @@ import embtab
 from embtab.config import LogicalTable
 from embtab.hashing import hash64, hash_to_range, salt_of
 from embtab.methods import METHODS, method_from_dict
-from embtab.methods.robe import ROBE, probes_per_chunk, row_floats
+from embtab.methods.robe import ROBE, SignedBlocks, probes_per_chunk, row_floats
 from embtab.testing import assert_fused_step_matches_reference, random_kjt
 
 DIM = 16
@@ -91,6 +91,28 @@ def test_reads_are_consecutive_signed_floats_from_a_hashed_offset():
     assert torch.equal(vectors.abs(), (offsets.unsqueeze(1) + torch.arange(DIM)) % 16_000)
     assert len(set((offsets % 16).tolist())) > 8  # offsets at any float, not whole rows
     assert 0.4 < float((vectors < 0).float().mean()) < 0.6  # the sign hash flips about half
+
+
+@pytest.mark.parametrize("shape", [(5, 3, 2, 32), (0, 3, 1, 32), (4, 1, 1, 8)])
+def test_signed_blocks_equal_a_gather_and_its_gradient(shape):
+    """The strided block read (and its overlapping-view gradient write) against `torch.gather`;
+    the (5, 3, 2, 32) windows are a non-contiguous view, like a run with two features."""
+    torch.manual_seed(0)
+    length = shape[-1] // 2
+    base = torch.randn(*shape[:-2], shape[-1], shape[-2]).transpose(-1, -2)
+    starts = torch.randint(0, shape[-1] - length + 1, shape[:-1])
+    signs = torch.where(torch.rand(*shape[:-1], length) < 0.5, -1.0, 1.0)
+    upstream = torch.randn(*shape[:-1], length)
+    results = []
+    for read in (
+        lambda w: SignedBlocks.apply(w, starts, signs),
+        lambda w: torch.gather(w, -1, starts.unsqueeze(-1) + torch.arange(length)) * signs,
+    ):
+        windows = base.clone().requires_grad_()
+        out = read(windows)
+        (out * upstream).sum().backward()
+        results.append((out.detach(), windows.grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
 @pytest.mark.parametrize(

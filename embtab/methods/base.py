@@ -126,8 +126,8 @@ class TableMethod(nn.Module):
         """What combines a run of like tables (`members`, this one first, equal signatures) in
         one call on vectors stacked ``[..., tables, features, dim]``: this method itself when its
         combine does not depend on the table (the default); a method whose combine depends on
-        the table (its salts, codebook) returns a combiner of the run's, whose ``combine`` also
-        takes the ids ``[..., tables, features]`` when `combine_uses_ids`."""
+        the table (its salts, codebook) and takes the ids (`combine_uses_ids`) returns a
+        `RunCombiner` of the run's."""
         return self
 
     def extra_bytes(self) -> int:
@@ -137,9 +137,12 @@ class TableMethod(nn.Module):
 
 
 class RunCombiner(Protocol):
-    """Combines a run of like tables in one call (`TableMethod.grouped`)."""
+    """Combines a run of like tables in one call (`TableMethod.grouped`) from the ids
+    ``[rows, tables, features]`` and the run's looked-up rows as one block ``[rows, tables,
+    probes, features, width]`` (a view of the fused lookup's output: a combine that reads
+    several probes of an id together takes them side by side without a copy)."""
 
-    def combine(self, vectors: list[torch.Tensor], ids: torch.Tensor) -> torch.Tensor: ...
+    def combine(self, block: torch.Tensor, ids: torch.Tensor) -> torch.Tensor: ...
 
 
 class SizedSpec(MethodSpec):

@@ -200,9 +200,10 @@ class CodebookRun:
             keys = keys + offsets.view(shape)
         return keys.to(self.key_dtype)
 
-    def combine(self, vectors: list[torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
-        """Snapped vectors of queries ``[rows, tables, features, d]`` (ids ``[rows, tables, features]``)."""
-        return self.snap(vectors[0], self.keys(ids, 1))
+    def combine(self, block: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Snapped vectors of the queries `block` ``[rows, tables, 1, features, d]`` (ids
+        ``[rows, tables, features]``)."""
+        return self.snap(block.squeeze(2), self.keys(ids, 1))
 
     def snap(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """``q + sg(v - q)`` of queries ``[..., d]`` whose slots have `keys` ``[...]``."""

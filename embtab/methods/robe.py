@@ -14,8 +14,8 @@ The benchmark (Hetu) uses ``Z = 1`` (one offset per vector, the default); the pa
 In the fused lookup the array is one torchrec table of ``rows`` rows of ``w`` floats, ``w`` the
 chunk length L rounded up to a multiple of 4 (fbgemm's widths): a read at offset ``o`` covers rows
 ``floor(o / w) + t`` (mod rows) for ``t < P = floor((L + 2w - 2) / w)`` (2 for ``L > 1``), enough
-for any ``o mod w``; `combine` concatenates the P rows, takes the L floats from ``o mod w`` on, and
-applies the signs. fbgemm's CPU kernels cost about the same per looked-up row whatever its width,
+for any ``o mod w``; `combine` takes the P rows side by side (a view of the fused lookup's output),
+reads the L floats from ``o mod w`` on as one block and applies the signs. fbgemm's CPU kernels cost about the same per looked-up row whatever its width,
 so a chunk costs two lookups where the hashing trick's row costs one (offsets aligned to whole
 rows would make it one, but then no two ids share part of a block: the hashing trick with signs).
 
@@ -45,6 +45,7 @@ from embtab.checks import check_int
 from embtab.registry import MethodKind, register_method
 
 SIGN_BITS = 32  # signs per 64-bit hash word: its top 32 bits
+ONE_BITS = 0x3F800000  # the float32 1.0
 
 
 @register_method(MethodKind.COMPRESSION)
@@ -137,13 +138,15 @@ class ROBEMethod(TableMethod):
         return ROBERun(members)  # type: ignore[arg-type]
 
     def combine(self, vectors: list[torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
-        run = ROBERun([self])
-        return run.read([v.unsqueeze(-2) for v in vectors], ids.unsqueeze(-1), -1).squeeze(-2)
+        rows = torch.stack([v.reshape(-1, self.width) for v in vectors], 1)  # [ids, probes, width]
+        block = rows.reshape(rows.shape[0], 1, len(vectors), 1, self.width)
+        vectors = ROBERun([self]).combine(block, ids.reshape(-1, 1, 1))
+        return vectors.reshape(*ids.shape, -1)
 
 
 class ROBERun:
-    """ROBE tables of one array and chunk layout read in one call: vectors stacked
-    ``[rows, tables, features, width]``, each table hashed with its own salts."""
+    """ROBE tables of one array and chunk layout read in one call, each table hashed with its
+    own salts."""
 
     def __init__(self, members: Sequence[ROBEMethod]) -> None:
         first = members[0]
@@ -155,40 +158,59 @@ class ROBERun:
             [[m.sign_salts[c][w] for m in members] for w in range(words)] for c in range(self.chunks)
         ]
 
-    def combine(self, vectors: list[torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
-        """Vectors ``[rows, tables, features, dim]`` of ids ``[rows, tables, features]``."""
-        return self.read(vectors, ids, 1)
-
-    def read(self, vectors: list[torch.Tensor], ids: torch.Tensor, table_dim: int) -> torch.Tensor:
-        """The vectors of `ids`, whose dimension `table_dim` runs over the tables; `vectors`
-        are the looked-up rows ``[*ids.shape, width]``."""
+    def combine(self, block: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Vectors ``[rows, tables, features, dim]`` of ids ``[rows, tables, features]`` from
+        their looked-up rows `block` ``[rows, tables, chunks * P, features, width]``: a chunk's
+        window is its P rows side by side (a view of the block when there is one feature)."""
         ids = ids.to(torch.int64)
-        positions = torch.arange(self.length, device=ids.device)
         chunks = []
         for c in range(self.chunks):  # Z chunks (1 by default), each vectorized over every id
-            probes = vectors[c * self.probes : (c + 1) * self.probes]
-            window = probes[0] if len(probes) == 1 else torch.cat(probes, dim=-1)
-            word = hash64_salted(ids, self.offset_salts[c], table_dim)
+            window = block[:, :, c * self.probes : (c + 1) * self.probes].movedim(2, 3).flatten(-2)
+            word = hash64_salted(ids, self.offset_salts[c], 1)
             # the remap's offset (hash_to_range: the top 63 bits mod m), from the same 64-bit hash
             offset = torch.bitwise_right_shift(word, 1).bitwise_and_(2**63 - 1) % self.floats
-            floats = torch.gather(window, -1, (offset % self.width).unsqueeze(-1) + positions)
-            negated = self._negated(word, ids, self.sign_salts[c], positions, table_dim)
-            chunks.append(floats * torch.where(negated, -1.0, 1.0).to(floats.dtype))
+            signs = self._signs(word, ids, self.sign_salts[c], self.length).to(window.dtype)
+            chunks.append(SignedBlocks.apply(window, offset % self.width, signs))
         return chunks[0] if self.chunks == 1 else torch.cat(chunks, dim=-1)
 
     @staticmethod
-    def _negated(
-        first: torch.Tensor,
-        ids: torch.Tensor,
-        salts: list[list[int]],
-        positions: torch.Tensor,
-        table_dim: int,
-    ) -> torch.Tensor:
-        """``[..., L]``, True where float j is negated: bit ``63 - j % 32`` of hash word
-        ``j // 32`` (word 0 the offset's hash `first`, the others hashed with `salts`, per
-        table), the sign bit once the word is shifted left by ``j % 32``."""
-        words = first.unsqueeze(-1)
-        if salts:
-            words = torch.stack([first, *(hash64_salted(ids, s, table_dim) for s in salts)], dim=-1)
-            words = words[..., positions // SIGN_BITS]
-        return torch.bitwise_left_shift(words, positions % SIGN_BITS) < 0
+    def _signs(first: torch.Tensor, ids: torch.Tensor, salts: list[list[int]], length: int) -> torch.Tensor:
+        """``[..., L]`` float32 signs: float j is negated where bit ``63 - j % 32`` of hash word
+        ``j // 32`` is set (word 0 the offset's hash `first`, the others hashed with `salts`, per
+        table). The word's top 32 bits, shifted left by ``j % 32``, keep that bit as their sign
+        bit, which becomes the sign of 1.0 (IEEE-754 bits ``0x3F800000``)."""
+        words = [first, *(hash64_salted(ids, s, 1) for s in salts)]
+        top = torch.stack([torch.bitwise_right_shift(w, 32).to(torch.int32) for w in words], -1)
+        shifts = torch.arange(min(length, SIGN_BITS), dtype=torch.int32, device=ids.device)
+        shifted = torch.bitwise_left_shift(top.unsqueeze(-1), shifts).flatten(-2)[..., :length]
+        return shifted.bitwise_and_(-(2**31)).bitwise_or_(ONE_BITS).view(torch.float32)
+
+
+class SignedBlocks(torch.autograd.Function):
+    """``blocks[..., j] = signs[..., j] * windows[..., start + j]`` for ``j < L`` (`signs`
+    ``[..., L]``): each block is one contiguous run of floats, read (and its gradient written)
+    whole through a view of the flat windows in which row ``r`` is the L floats from flat
+    position ``r`` on, and signed in place."""
+
+    @staticmethod
+    def forward(ctx, windows: torch.Tensor, starts: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+        length, size = signs.shape[-1], windows.shape[-1]
+        firsts = torch.arange(starts.numel(), device=starts.device) * size + starts.reshape(-1)
+        ctx.save_for_backward(firsts, signs)
+        ctx.shape = windows.shape
+        blocks = _runs(windows.reshape(-1), length).index_select(0, firsts)
+        return blocks.reshape(signs.shape).mul_(signs)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        firsts, signs = ctx.saved_tensors
+        flat = grad.new_zeros(ctx.shape.numel())
+        # the blocks of different rows never overlap, so each float is written at most once
+        signed = (grad * signs).reshape(firsts.numel(), signs.shape[-1])
+        _runs(flat, signs.shape[-1]).index_copy_(0, firsts, signed)
+        return flat.reshape(ctx.shape), None, None
+
+
+def _runs(flat: torch.Tensor, length: int) -> torch.Tensor:
+    """``[positions, length]`` view of `flat` whose row ``r`` is ``flat[r : r + length]``."""
+    return flat.as_strided((max(flat.numel() - length + 1, 0), length), (1, 1))
