@@ -181,27 +181,49 @@ def hot_overrides(config: dict[str, Any], hot_share: float) -> dict[str, dict[st
     return overrides
 
 
-def run_cell(
-    base: dict[str, Any],
-    cell: Cell,
-    full_bytes: int,
-    params: dict[str, Any],
-    out: str,
-    threads: int,
-    hot_share: float,
-    budgets: list[str],
-    process_group: dist.ProcessGroup | None = None,
-) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class Setting:
+    """What every cell of one sweep shares (picklable: spawned workers get it whole).
+
+    Attributes:
+        base: the sweep's experiments.ctr config (its data, model, train and embedding sections).
+        full_bytes: the full table's bytes, which the budgets are fractions of.
+        params: per-method spec parameters (``[method_params]``).
+        out: the sweep's folder; a cell's files go under ``cells/<cell name>``.
+        threads: torch threads per cell.
+        hot_share: share of a table's rows the +hot variants give hot ids.
+        budgets: every budget of the sweep (the learned-size and export cells report each).
+    """
+
+    base: dict[str, Any]
+    full_bytes: int
+    params: dict[str, Any]
+    out: Path
+    threads: int
+    hot_share: float
+    budgets: list[str]
+
+    def folder(self, cell: Cell) -> Path:
+        return self.out / "cells" / cell.name
+
+    def config(self, cell: Cell) -> dict[str, Any]:
+        """The experiments.ctr config of `cell`, with the sweep's threads."""
+        config = cell_config(self.base, cell, self.full_bytes, self.params)
+        config["train"]["threads"] = self.threads
+        return config
+
+
+def run_cell(setting: Setting, cell: Cell, process_group: dist.ProcessGroup | None = None) -> list[dict[str, Any]]:
     """Run one cell (in a worker process when --jobs > 1, on every rank when distributed) and
     record its rows."""
-    folder = Path(out) / "cells" / cell.name
+    folder = setting.folder(cell)
     start = time.perf_counter()
     if cell.budget == ALL_BUDGETS:
-        rows = _learned_rows(base, cell, budgets, folder, threads) if is_writer() else []
+        rows = _learned_rows(setting, cell, folder) if is_writer() else []
     elif cell.budget == EXPORT:
-        rows = _export_rows(base, cell, full_bytes, params, folder, threads, budgets, process_group)
+        rows = _export_rows(setting, cell, folder, process_group)
     else:
-        rows = [_sized_row(base, cell, full_bytes, params, folder, threads, hot_share, process_group)]
+        rows = [_sized_row(setting, cell, folder, process_group)]
     for row in rows:
         row["wall_seconds"] = time.perf_counter() - start
     if is_writer():
@@ -212,21 +234,13 @@ def run_cell(
 
 
 def _sized_row(
-    base: dict[str, Any],
-    cell: Cell,
-    full_bytes: int,
-    params: dict[str, Any],
-    folder: Path,
-    threads: int,
-    hot_share: float,
-    process_group: dist.ProcessGroup | None,
+    setting: Setting, cell: Cell, folder: Path, process_group: dist.ProcessGroup | None
 ) -> dict[str, Any]:
     row: dict[str, Any] = {"method": cell.method, "budget": cell.budget, "seed": cell.seed}
-    config = cell_config(base, cell, full_bytes, params)
-    config["train"]["threads"] = threads
+    config = setting.config(cell)
     try:
         if cell.method.partition("@")[0].endswith(HOT):
-            config["embedding"]["table_methods"] = hot_overrides(config, hot_share)
+            config["embedding"]["table_methods"] = hot_overrides(config, setting.hot_share)
         summary = run(config, folder, process_group=process_group)
     except BudgetError as error:
         return {**row, "status": "unreachable", "reason": str(error)}
@@ -237,14 +251,14 @@ def _sized_row(
         **row,
         "status": "ok",
         "parameters_json": json.dumps({"method": summary["method"], "tables": summary["table_methods"]}),
-        "budget_bytes": budget.bytes(full_bytes) if budget.kind == "bytes" else None,
+        "budget_bytes": budget.bytes(setting.full_bytes) if budget.kind == "bytes" else None,
         "bytes": counted,
         "bytes_counted": f"served {summary['served_precision']}" if served else "training",
         "train_bytes": summary["embedding_bytes"],
         "served_bytes": summary.get("served_bytes"),
         "parameters": summary["embedding_parameters"],
         "parameter_ratio": summary["embedding_parameter_ratio"],
-        "compression": full_bytes / counted,
+        "compression": setting.full_bytes / counted,
         "test_auc": summary["served_test_auc"] if served else summary["test_auc"],
         "test_logloss": summary["served_test_logloss"] if served else summary["test_logloss"],
         "qat_test_auc": summary["test_auc"] if served else None,
@@ -256,16 +270,15 @@ def _sized_row(
     }
 
 
-def _learned_rows(
-    base: dict[str, Any], cell: Cell, budgets: list[str], folder: Path, threads: int
-) -> list[dict[str, Any]]:
+def _learned_rows(setting: Setting, cell: Cell, folder: Path) -> list[dict[str, Any]]:
     """A learned-size method's stages for every byte budget of the sweep (parameter-ratio budgets
     are recorded as unreachable: their export targets are bytes)."""
     from experiments import search
 
-    config = copy.deepcopy(base)
-    config["train"] = {**config.get("train", {}), "threads": threads}
-    fractions = [Budget(b).fraction for b in budgets if Budget(b).kind == "bytes" and Budget(b).fraction is not None]
+    config = copy.deepcopy(setting.base)
+    config["train"] = {**config.get("train", {}), "threads": setting.threads}
+    budgets = [Budget(b) for b in setting.budgets]
+    fractions = [b.fraction for b in budgets if b.kind == "bytes" and b.fraction is not None]
     runner = search.Run(config, cell.seed, folder)
     produced = {"optembed": search.run_optembed, "pep": search.run_pep, "dnis": search.run_dnis,
                 "deeplight": search.run_deeplight, "dedup": search.run_dedup, "autosrh": search.run_autosrh,
@@ -291,32 +304,25 @@ def _learned_rows(
         )
         rows.append(row)
     for budget in budgets:
-        if Budget(budget).kind == "parameters":
+        if budget.kind == "parameters":
             reason = f"{cell.method} takes byte budgets (its export target), not a parameter ratio"
-            row = {"method": cell.method, "budget": budget, "seed": cell.seed}
+            row = {"method": cell.method, "budget": budget.text, "seed": cell.seed}
             rows.append({**row, "status": "unreachable", "reason": reason})
     return rows
 
 
 def _export_rows(
-    base: dict[str, Any],
-    cell: Cell,
-    full_bytes: int,
-    params: dict[str, Any],
-    folder: Path,
-    threads: int,
-    budgets: list[str],
-    process_group: dist.ProcessGroup | None,
+    setting: Setting, cell: Cell, folder: Path, process_group: dist.ProcessGroup | None
 ) -> list[dict[str, Any]]:
     """DPQ / MGQE: train once (the full query table + codebook: more than the full table's bytes,
     so no budget binds training), then charge the export (bit-packed codes + codebook). The forward
     pass already uses the snapped codewords, so the test AUC is the export's. One row at the
     method's own export size, and one per sweep budget: the same figures where the fixed export
     size fills that budget, otherwise unreachable with the size it has."""
-    config = cell_config(base, Cell(cell.method, "1", cell.seed), full_bytes, params)
+    config = setting.config(Cell(cell.method, "1", cell.seed))
     config["embedding"].pop("budget_bytes", None)
     config["embedding"].pop("budget_min_fill", None)
-    config["train"]["threads"] = threads
+    full_bytes = setting.full_bytes
     spec = _exported_spec(config)
     if cell.method == "mgqe":
         config["embedding"]["table_methods"] = {
@@ -339,8 +345,8 @@ def _export_rows(
         "inference_samples_per_s": summary["inference_samples_per_s"],
     }
     rows = [{**base_row, "budget": EXPORT, **measured}]
-    min_fill = base["embedding"].get("budget_min_fill", 0.9)
-    for budget_text in budgets:
+    min_fill = setting.base["embedding"].get("budget_min_fill", 0.9)
+    for budget_text in setting.budgets:
         budget = Budget(budget_text)
         if budget.kind == "parameters":
             have, limit = measured["parameter_ratio"], float(budget.fraction)  # type: ignore[arg-type]
@@ -420,24 +426,23 @@ def sweep(
     budgets: list[str] | None = None,
     process_group: dist.ProcessGroup | None = None,
 ) -> pl.DataFrame:
-    full_bytes = config_full_bytes(base)
     budgets = budgets or sorted({c.budget for c in cells if c.budget != ALL_BUDGETS})
+    setting = Setting(base, config_full_bytes(base), params, out, threads, hot_share, budgets)
     rows = [r for c in cells for r in (finished(out, c) or [])]
     todo = [c for c in cells if finished(out, c) is None]
     progress = tqdm(
         total=len(cells), initial=len(cells) - len(todo), unit="cell", desc="sweep", disable=not is_writer()
     )
-    arguments = (full_bytes, params, str(out), threads, hot_share, budgets)
     if jobs > 1:
         # Spawned, not forked: a forked worker would inherit this process's gloo group.
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(run_cell, base, c, *arguments) for c in todo]
+            futures = [pool.submit(run_cell, setting, c) for c in todo]
             for future in futures:
                 rows += future.result()
                 progress.update(1)
     else:
         for cell in todo:
-            rows += run_cell(base, cell, *arguments, process_group)
+            rows += run_cell(setting, cell, process_group)
             progress.update(1)
     progress.close()
     return pl.DataFrame(rows, infer_schema_length=None)
