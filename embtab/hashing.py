@@ -198,12 +198,18 @@ def hash64_salted(ids: torch.Tensor, salts: Sequence[int], dim: int) -> torch.Te
         raise TypeError(f"ids must be int64, got {ids.dtype}")
     if ids.shape[dim] != len(salts):
         raise ValueError(f"{len(salts)} salts for {ids.shape[dim]} entries along dimension {dim}")
-    shape = [1] * ids.dim()
-    shape[dim] = len(salts)
     k1, k2 = torch.tensor([_salt_keys(s) for s in salts], dtype=torch.int64, device=ids.device).t()
-    x = torch.bitwise_xor(ids, k1.view(shape))
-    _rounds_(x, k2.view(shape), torch.empty_like(x))
+    x = torch.bitwise_xor(ids, along(k1, ids.dim(), dim))
+    _rounds_(x, along(k2, ids.dim(), dim), torch.empty_like(x))
     return x
+
+
+def along(values: torch.Tensor, ndim: int, dim: int) -> torch.Tensor:
+    """1-D `values` viewed to broadcast along dimension `dim` of an `ndim`-dimensional tensor
+    (one value per table of a run)."""
+    shape = [1] * ndim
+    shape[dim] = values.numel()
+    return values.view(shape)
 
 
 def hash_to_range(ids: torch.Tensor, num_buckets: int, salt: int = 0) -> torch.Tensor:

@@ -48,6 +48,7 @@ from torch import nn
 from embtab.config import LogicalTable, MethodSpec
 from embtab.methods.base import BoundAfterFusing, PhysicalTable, TableMethod
 from embtab.checks import check_int
+from embtab.hashing import along
 from embtab.methods.frequency import HotIds
 from embtab.registry import MethodKind, register_method
 
@@ -194,10 +195,8 @@ class CodebookRun:
         int32 where they fit (`torch.unique` sorts them faster)."""
         keys = ids.to(torch.int64) + 1
         if table_dim is not None:
-            shape = [1] * ids.dim()
-            shape[table_dim] = len(self.members)
             offsets = torch.arange(len(self.members), device=ids.device) * self.span
-            keys = keys + offsets.view(shape)
+            keys = keys + along(offsets, ids.dim(), table_dim)
         return keys.to(self.key_dtype)
 
     def combine(self, block: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
