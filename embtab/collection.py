@@ -25,6 +25,7 @@ from embtab.forward import (
     LookupOutputs,
     PieceColumns,
     combine,
+    distinct_rows,
     physical_inputs,
     remap,
     table_inputs,
@@ -184,8 +185,10 @@ class EmbeddingTables(nn.Module):
         methods = self.table_methods
         inputs = table_inputs(kjt, self.layout, methods)
         weights = table_weights(kjt, inputs) if self.weighted else {}
-        looked_up = self._lookup(physical_inputs(inputs, remap(inputs, methods), self.layout, weights))
-        pooled, sequence = combine(self.layout, methods, inputs, looked_up, kjt.stride())
+        remapped = remap(inputs, methods)
+        distinct = distinct_rows(remapped, methods)
+        looked_up = self._lookup(physical_inputs(inputs, remapped, self.layout, weights, distinct))
+        pooled, sequence = combine(self.layout, methods, inputs, looked_up, kjt.stride(), distinct)
         return EmbeddingOutput(pooled, sequence)
 
     def _lookup(self, inputs: dict[str, KeyedJaggedTensor]) -> LookupOutputs:

@@ -41,6 +41,14 @@ class LookupOutputs:
     sequences: dict[str, dict[str, JaggedTensor]] = field(default_factory=dict)
 
 
+class DistinctRows(NamedTuple):
+    """A `TableMethod.distinct_rows` table's lookup: per probe its distinct physical rows ``[u]``
+    and each id's position among them ``[n]``."""
+
+    rows: list[torch.Tensor]
+    index: list[torch.Tensor]
+
+
 class TableOutput(NamedTuple):
     """One logical table's result: its pooled features' vectors ``[B, pooled features * width]``
     (None when it has none) and a `JaggedTensor` per sequence feature."""
@@ -87,6 +95,16 @@ def remap(inputs: Mapping[str, TableInput], methods: Mapping[str, TableMethod]) 
     return remapped
 
 
+def distinct_rows(remapped: Mapping[str, torch.Tensor], methods: Mapping[str, TableMethod]) -> dict[str, DistinctRows]:
+    """The distinct rows of every table whose method looks them up once (`distinct_rows`)."""
+    distinct = {}
+    for name, rows in remapped.items():
+        if methods[name].distinct_rows:
+            pairs = [torch.unique(probe, return_inverse=True) for probe in rows]
+            distinct[name] = DistinctRows([u for u, _ in pairs], [i for _, i in pairs])
+    return distinct
+
+
 def table_weights(kjt: KeyedJaggedTensor, inputs: Mapping[str, TableInput]) -> dict[str, torch.Tensor]:
     """Per logical table: the weights of its ids (`kjt` in the layout's feature order)."""
     return dict(zip(inputs, kjt.weights().split([sum(i.sizes) for i in inputs.values()])))
@@ -97,22 +115,31 @@ def physical_inputs(
     remapped: Mapping[str, torch.Tensor],
     layout: Layout,
     weights: Mapping[str, torch.Tensor] | None = None,
+    distinct: Mapping[str, DistinctRows] | None = None,
 ) -> dict[str, KeyedJaggedTensor]:
     """The input of every bucket's lookup: the remapped rows under the physical feature keys;
-    the pooled bucket's carries the ids' `weights` (per logical table) when given."""
-    weights = weights or {}
+    the pooled bucket's carries the ids' `weights` (per logical table) when given. A `distinct`
+    table's piece looks up its distinct rows, all under its first key (one bag of them in a
+    sequence bucket)."""
+    weights, distinct = weights or {}, distinct or {}
     values: dict[str, list[torch.Tensor]] = {b: [] for b in layout.bucket_keys}
     lengths: dict[str, list[torch.Tensor]] = {b: [] for b in layout.bucket_keys}
     per_id_counts: list[int] = []
     pooled_weights: list[torch.Tensor] = []
     for piece in layout.pieces:
-        values[piece.bucket].append(remapped[piece.table][piece.probe])
+        table_input, rows = inputs[piece.table], distinct.get(piece.table)
+        if rows is None:
+            values[piece.bucket].append(remapped[piece.table][piece.probe])
+            sizes, piece_lengths = table_input.sizes, table_input.lengths
+        else:
+            values[piece.bucket].append(rows.rows[piece.probe])
+            sizes, piece_lengths = _under_first_key(rows.rows[piece.probe].numel(), table_input)
         if piece.table in weights:
             pooled_weights.append(weights[piece.table])
         if piece.bucket == PER_ID_BUCKET:
-            per_id_counts.extend(inputs[piece.table].sizes)
+            per_id_counts.extend(sizes)
         else:
-            lengths[piece.bucket].append(inputs[piece.table].lengths)
+            lengths[piece.bucket].append(piece_lengths)
     if per_id_counts:
         device = values[PER_ID_BUCKET][0].device
         lengths[PER_ID_BUCKET] = [one_id_bags(per_id_counts, device)]
@@ -125,6 +152,15 @@ def physical_inputs(
         )
         for bucket, keys in layout.bucket_keys.items()
     }
+
+
+def _under_first_key(count: int, table_input: TableInput) -> tuple[list[int], torch.Tensor]:
+    """Per-key id counts and bag lengths that put `count` ids under a table's first key (in its
+    first bag), none under the others."""
+    lengths = torch.zeros_like(table_input.lengths)
+    if lengths.numel():
+        lengths[0] = count
+    return [count] + [0] * (len(table_input.sizes) - 1), lengths
 
 
 class PieceColumns:
@@ -180,15 +216,20 @@ def combine(
     inputs: Mapping[str, TableInput],
     looked_up: LookupOutputs,
     stride: int,
+    distinct: Mapping[str, DistinctRows] | None = None,
 ) -> tuple[KeyedTensor | None, dict[str, JaggedTensor]]:
     """The logical vectors: pooled features as one `KeyedTensor`, a `JaggedTensor` per sequence
     feature. Tables of a group combine in one call, at their first table."""
     pooled_blocks: dict[str, torch.Tensor] = {}
     sequence: dict[str, JaggedTensor] = {}
+    distinct = distinct or {}
     for name, table_input in inputs.items():
         head = layout.group_of.get(name)
         if head is None:
-            out = combine_table(layout.logical[name], methods[name], layout.pieces_of(name), table_input, stride, looked_up)
+            pieces = layout.pieces_of(name)
+            out = combine_table(
+                layout.logical[name], methods[name], pieces, table_input, stride, looked_up, distinct.get(name)
+            )
             if out.pooled is not None:
                 pooled_blocks[name] = out.pooled
             sequence.update(out.sequence)
@@ -231,6 +272,21 @@ def combine_group(
     return torch.cat(members, 1)
 
 
+def _distinct_vectors(pieces: list[Piece], distinct: DistinctRows, looked_up: LookupOutputs) -> list[torch.Tensor]:
+    """Each piece's looked-up distinct rows ``[u, width]``: the first key's (its columns of a
+    bag block, the first u bags; its values in a sequence bucket)."""
+    vectors = []
+    for piece in pieces:
+        count = distinct.rows[piece.probe].numel()
+        if piece.bucket in looked_up.blocks:
+            block = looked_up.blocks[piece.bucket][(piece.table, piece.probe)]
+            first_key = block if len(piece.keys) == 1 else block[:, : block.shape[1] // len(piece.keys)]
+            vectors.append(first_rows(first_key, count))
+        else:
+            vectors.append(looked_up.sequences[piece.bucket][piece.keys[0]].values())
+    return vectors
+
+
 def _pool_one_id_rows(table: LogicalTable, combined: torch.Tensor, table_input: TableInput, stride: int) -> torch.Tensor:
     """Pool a table's combined one-id rows ``[ids, features, width]`` (row i of feature f is its
     i-th id) into its bags."""
@@ -246,16 +302,21 @@ def combine_table(
     table_input: TableInput,
     stride: int,
     looked_up: LookupOutputs,
+    distinct: DistinctRows | None = None,
 ) -> TableOutput:
     """One logical table's vectors from its pieces' lookups (a method without physical tables,
-    such as DHE, makes its vectors from the ids alone, per id)."""
+    such as DHE, makes its vectors from the ids alone, per id; a `distinct` table's from the
+    rows looked up once)."""
     bucket = pieces[0].bucket if pieces else None
-    if bucket in looked_up.blocks:
+    if distinct is not None:
+        per_id = method.combine_rows(_distinct_vectors(pieces, distinct, looked_up), distinct.index)
+    elif bucket in looked_up.blocks:
         vectors = [looked_up.blocks[bucket][(p.table, p.probe)] for p in pieces]
         combine_bags = _combine_pooled if bucket == POOLED_BUCKET else _combine_one_id_bags
         return TableOutput(combine_bags(table, method, vectors, table_input, stride), {})
-    vectors = [gather_per_id(looked_up.sequences[p.bucket], p.keys) for p in pieces]
-    per_id = method.combine(vectors, table_input.ids) if method.combine_uses_ids else method.combine(vectors)
+    else:
+        vectors = [gather_per_id(looked_up.sequences[p.bucket], p.keys) for p in pieces]
+        per_id = method.combine(vectors, table_input.ids) if method.combine_uses_ids else method.combine(vectors)
     per_feature = torch.split(per_id, table_input.sizes)
     sequence = {}
     for feature, rows, feature_lengths in zip(

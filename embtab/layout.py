@@ -32,6 +32,7 @@ class MethodLayout(Protocol):
     physical_tables: tuple[PhysicalTable, ...]
     pooling_commutes: bool
     combine_uses_ids: bool
+    distinct_rows: bool
 
     def combine_signature(self) -> tuple | None: ...
 
@@ -119,7 +120,7 @@ def compile_layout(tables: Sequence[LogicalTable], methods: Mapping[str, MethodL
     Raises:
         ValueError: two methods declare one physical table differently, a width is not a
             multiple of 4 (fbgemm's fused kernels need it), or a combine that takes the ids would
-            see pooled vectors.
+            see pooled vectors (or a combine of distinct rows would be pooled, grouped or given ids).
     """
     logical = {t.name: t for t in tables}
     physical = _physical_tables(logical, methods)
@@ -157,11 +158,19 @@ def _physical_tables(
 
 
 def _check_combine_inputs(name: str, method: MethodLayout) -> None:
-    """A combine that takes the ids sees them per id (not pooled)."""
+    """A combine that takes the ids sees them per id (not pooled); a combine of distinct rows
+    runs per table, on per-id lookups, without the ids."""
     if method.combine_uses_ids and method.pooling_commutes:
         raise ValueError(
             f"table {name!r}: a combine that takes the ids needs per-id lookups "
             "(pooling_commutes False)"
+        )
+    if method.distinct_rows and (
+        method.pooling_commutes or method.combine_uses_ids or method.combine_signature() is not None
+    ):
+        raise ValueError(
+            f"table {name!r}: a combine of distinct rows needs per-id lookups, no ids and no "
+            "combine_signature (pooling_commutes False, combine_uses_ids False)"
         )
 
 

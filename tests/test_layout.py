@@ -20,6 +20,7 @@ class Declared:
     pooling_commutes: bool = True
     signature: tuple | None = None
     combine_uses_ids: bool = False
+    distinct_rows: bool = False
 
     def combine_signature(self) -> tuple | None:
         return self.signature
@@ -88,3 +89,21 @@ def test_a_combine_that_takes_ids_must_see_them_per_id_and_alone():
         compile_layout(tables, {"user": declared})
     alone = Declared((PhysicalTable("user", 10, 4),), pooling_commutes=False, combine_uses_ids=True)
     assert compile_layout(tables, {"user": alone}).pieces[0].bucket == PER_ID_BUCKET
+
+
+@pytest.mark.parametrize(
+    "declared",
+    [
+        {"pooling_commutes": True},
+        {"pooling_commutes": False, "combine_uses_ids": True},
+        {"pooling_commutes": False, "signature": ("run",)},
+    ],
+    ids=["pooled", "with_ids", "grouped"],
+)
+def test_a_combine_of_distinct_rows_runs_per_table_on_per_id_lookups(declared):
+    tables = [table("user", FeatureSpec("user", 10))]
+    bad = Declared((PhysicalTable("user", 10, 4),), distinct_rows=True, **declared)
+    with pytest.raises(ValueError, match="table 'user': a combine of distinct rows needs per-id lookups"):
+        compile_layout(tables, {"user": bad})
+    good = Declared((PhysicalTable("user", 10, 4),), pooling_commutes=False, distinct_rows=True)
+    assert compile_layout(tables, {"user": good}).pieces[0].bucket == PER_ID_BUCKET

@@ -62,6 +62,27 @@ def test_forward_and_fused_step_match_the_chained_product(rank):
     assert_fused_step_matches_reference(tables, kjt, lambda w, t, ids: naive_vectors(w, t, ids, rank))
 
 
+@pytest.mark.parametrize("ids", [2000, 12], ids=["every_pair_in_one_product", "the_pairs_used"])
+def test_distinct_core_rows_combine_to_the_per_id_chain_and_its_gradient(ids):
+    """`combine_rows` (the first two cores' products per pair of distinct rows, both ways of
+    choosing the pairs) against `combine` of the rows expanded per id."""
+    method = TTRec(rank=3).build(LogicalTable("item", CARD, DIM, FEATURES[2:], None))
+    torch.manual_seed(0)
+    digits = method.remap(torch.randint(0, CARD, (ids,)))
+    pairs = [torch.unique(d, return_inverse=True) for d in digits]
+    index = [i for _, i in pairs]
+    results = []
+    for distinct in (True, False):
+        torch.manual_seed(1)
+        rows = [torch.randn(len(u), t.dim, requires_grad=True) for (u, _), t in zip(pairs, method.physical_tables)]
+        out = method.combine_rows(rows, index) if distinct else method.combine([r[i] for r, i in zip(rows, index)])
+        (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+        results.append((out.detach(), [r.grad for r in rows]))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for ours, expanded in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(ours, expanded, rtol=1e-4, atol=1e-4)  # sums over 2,000 ids
+
+
 def test_gaussian_cores_give_the_full_tables_variance():
     n, rank = 10**6, 4
     torch.manual_seed(0)

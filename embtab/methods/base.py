@@ -77,11 +77,17 @@ class TableMethod(nn.Module):
             methods whose combine depends on the id (sign hashes, frequency groups). Such a
             method combines per id (``pooling_commutes = False``); a run of its tables combines
             in one call of `grouped` when it declares a `combine_signature`.
+        distinct_rows: the forward pass looks each physical row of the batch up once, not once
+            per id, and combines through `combine_rows` (each probe's distinct rows and where
+            every id's row is among them): for a per-id method whose probes have far fewer
+            distinct rows than the batch has ids (TT-Rec's cores). The fused optimizer then sees
+            one gradient per row, the sum over its ids, as it does per id.
         max_id: ids must be below this (the full table); ``None`` accepts any non-negative id.
     """
 
     pooling_commutes: bool = True
     combine_uses_ids: bool = False
+    distinct_rows: bool = False
 
     def __init__(self, table: LogicalTable) -> None:
         super().__init__()
@@ -115,6 +121,12 @@ class TableMethod(nn.Module):
     def combine(self, vectors: list[torch.Tensor]) -> torch.Tensor:
         """Combine P looked-up tensors ``[..., dim_p]`` into the logical vectors ``[..., out_dim]``."""
         raise NotImplementedError
+
+    def combine_rows(self, rows: list[torch.Tensor], index: list[torch.Tensor]) -> torch.Tensor:
+        """The vectors ``[n, out_dim]`` of n ids from each probe's distinct rows ``rows[p]``
+        ``[u_p, dim_p]``, id i's row of probe p being ``rows[p][index[p][i]]`` (`distinct_rows`);
+        by default `combine` of the rows expanded per id."""
+        return self.combine([r.index_select(0, i) for r, i in zip(rows, index)])
 
     def combine_signature(self) -> tuple | None:
         """Tables whose methods return equal signatures may be combined in one call on stacked

@@ -120,6 +120,7 @@ def init_std(cardinality: int, rank: int) -> float:
 
 class TTRecMethod(TableMethod):
     pooling_commutes = False
+    distinct_rows = True
 
     def __init__(
         self, table: LogicalTable, sizes: tuple[int, ...], factors: tuple[int, int, int], rank: int
@@ -144,3 +145,34 @@ class TTRecMethod(TableMethod):
         out = torch.matmul(first.reshape(*lead, d1, r), middle.reshape(*lead, r, d2 * r))
         out = torch.matmul(out.reshape(*lead, d1 * d2, r), last.reshape(*lead, r, d3))
         return out.reshape(*lead, self.table.dim)
+
+    def combine_rows(self, rows: list[torch.Tensor], index: list[torch.Tensor]) -> torch.Tensor:
+        """The chain from each core's distinct rows: the products ``G1[i1] G2[i2]`` once per pair
+        of first and middle rows (`first_products`), then one ``[d1 d2, r] x [r, d3]`` product
+        per distinct id (its pair and last row), expanded to every id."""
+        d3, r = self.factors[2], self.rank
+        first, middle, last = (v[:, :w] for v, w in zip(rows, self.widths))
+        products, pair = self.first_products(first, middle, index[0], index[1])
+        lasts = last.shape[0]
+        distinct, of_id = torch.unique(pair * lasts + index[2], return_inverse=True)
+        left = products.index_select(0, torch.div(distinct, lasts, rounding_mode="floor"))
+        out = torch.bmm(left, last.reshape(-1, r, d3).index_select(0, distinct % lasts))
+        return out.reshape(-1, self.table.dim).index_select(0, of_id)
+
+    def first_products(
+        self, first: torch.Tensor, middle: torch.Tensor, i1: torch.Tensor, i2: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``G1[a] G2[b]`` as ``[pairs, d1 d2, r]`` and each id's pair: of every pair of distinct
+        first and middle rows in one matrix product when there are at most twice as many pairs
+        as ids (a batch of a table with small cores), else of the pairs the ids use."""
+        d1, d2, _ = self.factors
+        r, u1, u2 = self.rank, first.shape[0], middle.shape[0]
+        keys = i1 * u2 + i2
+        if u1 * u2 <= 2 * keys.numel():
+            columns = middle.reshape(u2, r, d2 * r).transpose(0, 1).reshape(r, u2 * d2 * r)
+            products = (first.reshape(u1 * d1, r) @ columns).reshape(u1, d1, u2, d2 * r)
+            return products.transpose(1, 2).reshape(u1 * u2, d1 * d2, r), keys
+        pairs, pair = torch.unique(keys, return_inverse=True)
+        a = first.reshape(u1, d1, r).index_select(0, torch.div(pairs, u2, rounding_mode="floor"))
+        b = middle.reshape(u2, r, d2 * r).index_select(0, pairs % u2)
+        return torch.bmm(a, b).reshape(-1, d1 * d2, r), pair
