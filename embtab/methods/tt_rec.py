@@ -10,9 +10,13 @@ A table of ``n`` ids of width ``d`` is a 3-core tensor train. The ids get three 
 
 flattened row-major (``j1 * d2 * d3 + j2 * d3 + j3``), rank ``r`` the budget knob. Each core is a
 physical table looked up by its digit: G1 ``n1 x (d1 r)``, G2 ``n2 x (r d2 r)``, G3 ``n3 x (r d3)``
-(widths padded up to a multiple of 4 for fbgemm; the padding columns are never read), and
-`combine` is two batched matrix products per id. The product is not linear in a bag, so pooled
-features are combined per id, then pooled (``pooling_commutes = False``). Parameters
+(widths padded up to a multiple of 4 for fbgemm; the padding columns are never read). A batch
+reads only a few distinct rows of each core (at most ``n_j ~ n ** (1/3)``), so the method looks
+each of them up once (`distinct_rows`) and `combine_rows` multiplies ``G1[i1] G2[i2]`` once per
+pair of distinct first and middle rows, then by ``G3[i3]`` once per distinct id; `combine` is
+the same chain per id on rows looked up per id (the reference, and the path of exports). The
+product is not linear in a bag, so pooled features are combined per id, then pooled
+(``pooling_commutes = False``). Parameters
 ``r (n1 d1 + r n2 d2 + n3 d3)`` (before padding); a table whose cores would not be smaller than
 its full ``n x d`` table stays full, as in the paper and the benchmark (tables too small to gain).
 
@@ -22,8 +26,8 @@ independent draws, has the variance ``r**2 s**6 = 1 / (3 n)`` of the full table'
 U(-sqrt(1/n), sqrt(1/n)) (uniform cores would give a product far from it).
 
 Not here: the paper's cache of hot rows (a full-precision cache of the most frequent ids), and
-FBGEMM's fused TT kernel (this runs the three core lookups in the one fused torchrec lookup and
-the products in torch).
+FBGEMM's fused TT kernel (GPU only; this runs the three core lookups in the one fused torchrec
+lookup and the products in torch).
 """
 
 from __future__ import annotations
