@@ -25,6 +25,7 @@ from embtab.forward import (
     LookupOutputs,
     PieceColumns,
     combine,
+    deduplicate,
     distinct_rows,
     physical_inputs,
     remap,
@@ -185,10 +186,11 @@ class EmbeddingTables(nn.Module):
         methods = self.table_methods
         inputs = table_inputs(kjt, self.layout, methods)
         weights = table_weights(kjt, inputs) if self.weighted else {}
-        remapped = remap(inputs, methods)
+        reduced, occurrences = deduplicate(inputs, methods)
+        remapped = remap(reduced, methods)
         distinct = distinct_rows(remapped, methods)
-        looked_up = self._lookup(physical_inputs(inputs, remapped, self.layout, weights, distinct))
-        pooled, sequence = combine(self.layout, methods, inputs, looked_up, kjt.stride(), distinct)
+        looked_up = self._lookup(physical_inputs(reduced, remapped, self.layout, weights, distinct))
+        pooled, sequence = combine(self.layout, methods, reduced, looked_up, kjt.stride(), distinct, occurrences)
         return EmbeddingOutput(pooled, sequence)
 
     def _lookup(self, inputs: dict[str, KeyedJaggedTensor]) -> LookupOutputs:

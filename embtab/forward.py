@@ -49,6 +49,14 @@ class DistinctRows(NamedTuple):
     index: list[torch.Tensor]
 
 
+class Occurrences(NamedTuple):
+    """Where a `TableMethod.distinct_ids` table's distinct ids occur: its input as given, and
+    for each of its ids the position of its distinct id."""
+
+    original: TableInput
+    inverse: torch.Tensor
+
+
 class TableOutput(NamedTuple):
     """One logical table's result: its pooled features' vectors ``[B, pooled features * width]``
     (None when it has none) and a `JaggedTensor` per sequence feature."""
@@ -75,6 +83,21 @@ def table_inputs(
         inputs[name] = TableInput(ids, lengths[first * stride : (first + count) * stride], sizes)
         first += count
     return inputs
+
+
+def deduplicate(
+    inputs: Mapping[str, TableInput], methods: Mapping[str, TableMethod]
+) -> tuple[dict[str, TableInput], dict[str, Occurrences]]:
+    """The inputs with every `distinct_ids` table's ids reduced to its distinct ids (all under its
+    first feature, in its first bag), and where those ids occur."""
+    reduced, occurrences = dict(inputs), {}
+    for name, table_input in inputs.items():
+        if methods[name].distinct_ids:
+            ids, inverse = torch.unique(table_input.ids, return_inverse=True)
+            sizes, lengths = _under_first_key(ids.numel(), table_input)
+            reduced[name] = TableInput(ids, lengths, sizes)
+            occurrences[name] = Occurrences(table_input, inverse)
+    return reduced, occurrences
 
 
 def remap(inputs: Mapping[str, TableInput], methods: Mapping[str, TableMethod]) -> dict[str, torch.Tensor]:
@@ -217,24 +240,28 @@ def combine(
     looked_up: LookupOutputs,
     stride: int,
     distinct: Mapping[str, DistinctRows] | None = None,
+    occurrences: Mapping[str, Occurrences] | None = None,
 ) -> tuple[KeyedTensor | None, dict[str, JaggedTensor]]:
     """The logical vectors: pooled features as one `KeyedTensor`, a `JaggedTensor` per sequence
-    feature. Tables of a group combine in one call, at their first table."""
+    feature. Tables of a group combine in one call, at their first table. `inputs` are the
+    lookups' (`deduplicate`d); a table's `occurrences` put its distinct ids' vectors back in
+    place."""
     pooled_blocks: dict[str, torch.Tensor] = {}
     sequence: dict[str, JaggedTensor] = {}
-    distinct = distinct or {}
+    distinct, occurrences = distinct or {}, occurrences or {}
     for name, table_input in inputs.items():
         head = layout.group_of.get(name)
         if head is None:
             pieces = layout.pieces_of(name)
             out = combine_table(
-                layout.logical[name], methods[name], pieces, table_input, stride, looked_up, distinct.get(name)
+                layout.logical[name], methods[name], pieces, table_input, stride, looked_up,
+                distinct.get(name), occurrences.get(name),
             )
             if out.pooled is not None:
                 pooled_blocks[name] = out.pooled
             sequence.update(out.sequence)
         elif head == name:
-            pooled_blocks[name] = combine_group(layout, methods, name, inputs, stride, looked_up)
+            pooled_blocks[name] = combine_group(layout, methods, name, inputs, stride, looked_up, occurrences)
     return pooled_output(layout, methods, pooled_blocks, stride), sequence
 
 
@@ -245,11 +272,13 @@ def combine_group(
     inputs: Mapping[str, TableInput],
     stride: int,
     looked_up: LookupOutputs,
+    occurrences: Mapping[str, Occurrences] | None = None,
 ) -> torch.Tensor:
     """One combine call for a run of like tables (stacked columns; `TableMethod.grouped` of the
     run). A `RunCombiner` (a combine that takes the ids) gets the whole block ``[rows, tables,
     probes, features, width]`` and the ids ``[rows, tables, features]``; otherwise the method
-    gets the probes ``[rows, tables, features, width]`` as a list, like `TableMethod.combine`."""
+    gets the probes ``[rows, tables, features, width]`` as a list, like `TableMethod.combine`.
+    A run of `distinct_ids` tables combines their distinct ids, then puts them back in place."""
     names = layout.group(head)
     method = methods[head]
     pieces = layout.pieces_of(head)
@@ -263,6 +292,8 @@ def combine_group(
     else:
         # one probe: a reshape, whose backward is a view, not unbind's zero-filled copy
         combined = run.combine([stacked.squeeze(2)] if len(pieces) == 1 else list(stacked.unbind(2)))
+    if occurrences and head in occurrences:
+        return _put_back_run(layout, names, combined, inputs, occurrences, stride)
     lengths = torch.cat([inputs[n].lengths for n in names])
     if pieces[0].bucket == POOLED_BUCKET or bool((lengths == 1).all()):
         return first_rows(combined, stride).reshape(stride, -1)
@@ -295,6 +326,44 @@ def _pool_one_id_rows(table: LogicalTable, combined: torch.Tensor, table_input: 
     return pool_per_id(table, torch.cat(per_feature), per_feature, table_input.lengths, stride, features)
 
 
+def _one_id_rows(combined: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """A table's combined one-id rows ``[ids, features, width]`` in input order ``[n, width]``."""
+    per_feature = [combined[:n, f] for f, n in enumerate(sizes)]
+    return torch.cat(per_feature) if len(per_feature) > 1 else per_feature[0]
+
+
+def _put_back_run(
+    layout: Layout,
+    names: list[str],
+    combined: torch.Tensor,
+    inputs: Mapping[str, TableInput],
+    occurrences: Mapping[str, Occurrences],
+    stride: int,
+) -> torch.Tensor:
+    """A run of `distinct_ids` tables' pooled output from their distinct ids' vectors `combined`
+    ``[rows, tables, features, width]`` (a table's distinct ids in its first feature's rows):
+    one gather when every bag holds one id, else table by table."""
+    wheres = [occurrences[n] for n in names]
+    if not bool((torch.cat([w.original.lengths for w in wheres]) == 1).all()):
+        outputs = [
+            _put_back(layout.logical[n], _one_id_rows(combined[:, i], inputs[n].sizes), w, stride)
+            for i, (n, w) in enumerate(zip(names, wheres))
+        ]
+        return torch.cat([out.pooled for out in outputs], 1)
+    rows, tables, features, width = combined.shape
+    # bag b of feature f of table t holds the distinct id inverse[f * stride + b], at row r of
+    # the flat [rows * tables] distinct vectors r * tables + t
+    inverse = torch.stack([w.inverse.view(features, stride) for w in wheres])  # [tables, features, stride]
+    flat = inverse * tables + torch.arange(tables, device=inverse.device).view(tables, 1, 1)
+    distinct = combined[:, :, 0].reshape(rows * tables, width)
+    return distinct.index_select(0, flat.permute(2, 0, 1).reshape(-1)).view(stride, -1)
+
+
+def _put_back(table: LogicalTable, per_id: torch.Tensor, where: Occurrences, stride: int) -> TableOutput:
+    """A `distinct_ids` table's output from its distinct ids' vectors."""
+    return _table_output(table, per_id.index_select(0, where.inverse), where.original, stride)
+
+
 def combine_table(
     table: LogicalTable,
     method: TableMethod,
@@ -303,20 +372,31 @@ def combine_table(
     stride: int,
     looked_up: LookupOutputs,
     distinct: DistinctRows | None = None,
+    occurrences: Occurrences | None = None,
 ) -> TableOutput:
     """One logical table's vectors from its pieces' lookups (a method without physical tables,
     such as DHE, makes its vectors from the ids alone, per id; a `distinct` table's from the
-    rows looked up once)."""
+    rows looked up once; a table with `occurrences` from its distinct ids')."""
     bucket = pieces[0].bucket if pieces else None
     if distinct is not None:
         per_id = method.combine_rows(_distinct_vectors(pieces, distinct, looked_up), distinct.index)
     elif bucket in looked_up.blocks:
         vectors = [looked_up.blocks[bucket][(p.table, p.probe)] for p in pieces]
-        combine_bags = _combine_pooled if bucket == POOLED_BUCKET else _combine_one_id_bags
-        return TableOutput(combine_bags(table, method, vectors, table_input, stride), {})
+        if occurrences is None:
+            combine_bags = _combine_pooled if bucket == POOLED_BUCKET else _combine_one_id_bags
+            return TableOutput(combine_bags(table, method, vectors, table_input, stride), {})
+        per_id = _one_id_rows(_combine_one_ids(table, method, vectors, table_input), table_input.sizes)
     else:
         vectors = [gather_per_id(looked_up.sequences[p.bucket], p.keys) for p in pieces]
         per_id = method.combine(vectors, table_input.ids) if method.combine_uses_ids else method.combine(vectors)
+    if occurrences is not None:
+        return _put_back(table, per_id, occurrences, stride)
+    return _table_output(table, per_id, table_input, stride)
+
+
+def _table_output(table: LogicalTable, per_id: torch.Tensor, table_input: TableInput, stride: int) -> TableOutput:
+    """A table's output from its vectors ``[n, width]`` in input order: sequence features as
+    they are, the others pooled into their bags."""
     per_feature = torch.split(per_id, table_input.sizes)
     sequence = {}
     for feature, rows, feature_lengths in zip(
@@ -345,15 +425,21 @@ def _combine_one_id_bags(
 ) -> torch.Tensor:
     """Combine per id (row i of feature f's column block is its i-th id), then pool the bags;
     when every bag holds one id the combined rows already are the bags."""
-    count = len(table.features)
-    blocks = [v.reshape(v.shape[0], count, -1) for v in vectors]
-    if method.combine_uses_ids:
-        combined = method.combine(blocks, _padded_ids(table_input, blocks[0].shape[0]))
-    else:
-        combined = method.combine(blocks)
+    combined = _combine_one_ids(table, method, vectors, table_input)
     if bool((table_input.lengths == 1).all()):
         return first_rows(combined, stride).reshape(stride, -1)
     return _pool_one_id_rows(table, combined, table_input, stride)
+
+
+def _combine_one_ids(
+    table: LogicalTable, method: TableMethod, vectors: list[torch.Tensor], table_input: TableInput
+) -> torch.Tensor:
+    """The combined one-id rows ``[rows, features, width]`` (row i of feature f is its i-th id)."""
+    count = len(table.features)
+    blocks = [v.reshape(v.shape[0], count, -1) for v in vectors]
+    if method.combine_uses_ids:
+        return method.combine(blocks, _padded_ids(table_input, blocks[0].shape[0]))
+    return method.combine(blocks)
 
 
 def _padded_ids(table_input: TableInput, rows: int) -> torch.Tensor:

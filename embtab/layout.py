@@ -33,6 +33,7 @@ class MethodLayout(Protocol):
     pooling_commutes: bool
     combine_uses_ids: bool
     distinct_rows: bool
+    distinct_ids: bool
 
     def combine_signature(self) -> tuple | None: ...
 
@@ -158,13 +159,15 @@ def _physical_tables(
 
 
 def _check_combine_inputs(name: str, method: MethodLayout) -> None:
-    """A combine that takes the ids sees them per id (not pooled); a combine of distinct rows
-    runs per table, on per-id lookups, without the ids."""
+    """A combine that takes the ids, or of distinct ids, sees them per id (not pooled); a
+    combine of distinct rows runs per table, on per-id lookups, without the ids."""
     if method.combine_uses_ids and method.pooling_commutes:
         raise ValueError(
             f"table {name!r}: a combine that takes the ids needs per-id lookups "
             "(pooling_commutes False)"
         )
+    if method.distinct_ids and method.pooling_commutes:
+        raise ValueError(f"table {name!r}: a combine of distinct ids needs per-id lookups (pooling_commutes False)")
     if method.distinct_rows and (
         method.pooling_commutes or method.combine_uses_ids or method.combine_signature() is not None
     ):

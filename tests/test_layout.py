@@ -21,6 +21,7 @@ class Declared:
     signature: tuple | None = None
     combine_uses_ids: bool = False
     distinct_rows: bool = False
+    distinct_ids: bool = False
 
     def combine_signature(self) -> tuple | None:
         return self.signature
@@ -107,3 +108,12 @@ def test_a_combine_of_distinct_rows_runs_per_table_on_per_id_lookups(declared):
         compile_layout(tables, {"user": bad})
     good = Declared((PhysicalTable("user", 10, 4),), pooling_commutes=False, distinct_rows=True)
     assert compile_layout(tables, {"user": good}).pieces[0].bucket == PER_ID_BUCKET
+
+
+def test_a_combine_of_distinct_ids_runs_on_per_id_lookups():
+    tables = [table("user", FeatureSpec("user", 10))]
+    pooled = Declared((PhysicalTable("user", 10, 4),), distinct_ids=True)
+    with pytest.raises(ValueError, match="table 'user': a combine of distinct ids needs per-id lookups"):
+        compile_layout(tables, {"user": pooled})
+    per_id = Declared((PhysicalTable("user", 10, 4),), pooling_commutes=False, distinct_ids=True)
+    assert compile_layout(tables, {"user": per_id}).pieces[0].bucket == PER_ID_BUCKET

@@ -9,6 +9,8 @@ import dataclasses
 import pytest
 import torch
 
+from torchrec import KeyedJaggedTensor
+
 import embtab
 from embtab.config import LogicalTable
 from embtab.hashing import hash64, hash_to_range, salt_of
@@ -73,6 +75,21 @@ def test_a_run_of_tables_on_one_array_reads_in_one_call_by_the_formula(rows, chu
     tables = embtab.EmbeddingTables(embtab.EmbeddingSpec(features=RUN_FEATURES, dim=DIM, method=spec))
     assert tables.layout.group_of == {"a": "a", "b": "a", "c": "a"}
     kjt = random_kjt(RUN_FEATURES, batch=6, seed=4, max_len=4)
+    reference = lambda w, t, ids: naive_vectors(w["robe"].reshape(-1), spec, t, ids)  # noqa: E731
+    assert_fused_step_matches_reference(tables, kjt, reference)
+
+
+def test_a_run_of_single_id_bags_reads_each_distinct_id_once_by_the_formula():
+    """One id per bag in three one-feature tables, each id repeated many times: the run computes
+    each distinct id once and puts its vector back in every bag (one gather), and forward and
+    fused step still follow the per-float formula (every occurrence's gradient summed)."""
+    features = tuple(embtab.FeatureSpec(name, 30) for name in ("a", "b", "c"))
+    spec = ROBE(rows=40, salt=3)
+    torch.manual_seed(0)
+    tables = embtab.EmbeddingTables(embtab.EmbeddingSpec(features=features, dim=DIM, method=spec))
+    assert tables.layout.group_of == {"a": "a", "b": "a", "c": "a"}
+    ids = torch.randint(0, 12, (3 * 50,), generator=torch.Generator().manual_seed(4))
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=["a", "b", "c"], values=ids, lengths=torch.ones(150, dtype=torch.int64))
     reference = lambda w, t, ids: naive_vectors(w["robe"].reshape(-1), spec, t, ids)  # noqa: E731
     assert_fused_step_matches_reference(tables, kjt, reference)
 

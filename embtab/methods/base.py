@@ -82,12 +82,17 @@ class TableMethod(nn.Module):
             every id's row is among them): for a per-id method whose probes have far fewer
             distinct rows than the batch has ids (TT-Rec's cores). The fused optimizer then sees
             one gradient per row, the sum over its ids, as it does per id.
+        distinct_ids: a per-id method whose vector of an id depends on the id alone (not on the
+            rest of the batch: no batch statistics, no counts); the forward pass then remaps,
+            looks up and combines each distinct id of a table once per batch and copies its
+            vector to every occurrence (ROBE).
         max_id: ids must be below this (the full table); ``None`` accepts any non-negative id.
     """
 
     pooling_commutes: bool = True
     combine_uses_ids: bool = False
     distinct_rows: bool = False
+    distinct_ids: bool = False
 
     def __init__(self, table: LogicalTable) -> None:
         super().__init__()

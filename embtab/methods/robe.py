@@ -103,6 +103,7 @@ def probes_per_chunk(length: int, width: int) -> int:
 class ROBEMethod(TableMethod):
     pooling_commutes = False
     combine_uses_ids = True
+    distinct_ids = True
 
     def __init__(self, table: LogicalTable, spec: ROBE) -> None:
         super().__init__(table)
