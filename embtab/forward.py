@@ -356,7 +356,7 @@ def _put_back_run(
     inverse = torch.stack([w.inverse.view(features, stride) for w in wheres])  # [tables, features, stride]
     flat = inverse * tables + torch.arange(tables, device=inverse.device).view(tables, 1, 1)
     distinct = combined[:, :, 0].reshape(rows * tables, width)
-    return distinct.index_select(0, flat.permute(2, 0, 1).reshape(-1)).view(stride, -1)
+    return distinct.index_select(0, flat.permute(2, 0, 1).reshape(-1)).view(stride, tables * features * width)
 
 
 def _put_back(table: LogicalTable, per_id: torch.Tensor, where: Occurrences, stride: int) -> TableOutput:
