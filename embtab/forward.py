@@ -304,8 +304,9 @@ def combine_group(
 
 
 def _distinct_vectors(pieces: list[Piece], distinct: DistinctRows, looked_up: LookupOutputs) -> list[torch.Tensor]:
-    """Each piece's looked-up distinct rows ``[u, width]``: the first key's (its columns of a
-    bag block, the first u bags; its values in a sequence bucket)."""
+    """Each piece's looked-up distinct rows ``[u, width]``, all under its first key: that key's
+    columns of a bag block (its first u bags), or every key's values of a sequence bucket (the
+    others empty, but part of the graph, as gradient hooks on each key's output expect)."""
     vectors = []
     for piece in pieces:
         count = distinct.rows[piece.probe].numel()
@@ -314,7 +315,7 @@ def _distinct_vectors(pieces: list[Piece], distinct: DistinctRows, looked_up: Lo
             first_key = block if len(piece.keys) == 1 else block[:, : block.shape[1] // len(piece.keys)]
             vectors.append(first_rows(first_key, count))
         else:
-            vectors.append(looked_up.sequences[piece.bucket][piece.keys[0]].values())
+            vectors.append(gather_per_id(looked_up.sequences[piece.bucket], piece.keys))
     return vectors
 
 

@@ -173,7 +173,7 @@ def _check_combine_inputs(name: str, method: MethodLayout) -> None:
     ):
         raise ValueError(
             f"table {name!r}: a combine of distinct rows needs per-id lookups, no ids and no "
-            "combine_signature (pooling_commutes False, combine_uses_ids False)"
+            "combine_signature (pooling_commutes False, combine_uses_ids False, combine_signature None)"
         )
 
 
@@ -231,7 +231,7 @@ def _group_key(
         return None
     if buckets - set(BAG_BUCKETS) or any(f.pooling != "sum" for f in table.features):
         return None
-    return (signature, *buckets, len(table.features), len(own_pieces), *widths)
+    return (signature, method.distinct_ids, *buckets, len(table.features), len(own_pieces), *widths)
 
 
 def _group_tables(

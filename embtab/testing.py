@@ -66,7 +66,8 @@ def rss_bytes() -> int:
 
 def run_ranks(fn: Callable[..., None], world_size: int, *args: object) -> None:
     """Run ``fn(rank, world_size, *args)`` in `world_size` spawned processes joined in one gloo
-    process group (the default group); re-raises the first rank's exception here."""
+    process group (the default group); re-raises the first rank's exception here. A rank that
+    returns exits at once, without the interpreter's teardown (nor atexit handlers)."""
     import tempfile
 
     import torch.multiprocessing as mp

@@ -73,6 +73,16 @@ def test_runs_of_like_tables_are_grouped():
     assert layout.ungrouped().group_of == {} and layout.ungrouped().pieces == layout.pieces
 
 
+def test_tables_that_differ_in_distinct_ids_run_apart():
+    names = ["a", "b", "c"]
+    tables = [table(n, FeatureSpec(n, 9)) for n in names]
+    methods = {
+        n: Declared((PhysicalTable(n, 9, 8),), pooling_commutes=False, signature=("s",), distinct_ids=n != "c")
+        for n in names
+    }
+    assert compile_layout(tables, methods).group_of == {"a": "a", "b": "a"}
+
+
 def test_bad_declarations_are_named():
     one = table("one", FeatureSpec("one", 9))
     with pytest.raises(ValueError, match="physical table 'one' has width 6; fbgemm's fused kernels need a multiple of 4"):

@@ -18,6 +18,7 @@ from embtab.quant.training import (
 from embtab.checkpoint import load_training_state, training_state
 from embtab.fused_state import physical_weights
 from embtab.testing import random_kjt
+from torchrec import KeyedJaggedTensor
 
 
 def features(sequence: bool = False) -> tuple[FeatureSpec, ...]:
@@ -78,6 +79,25 @@ def test_recorded_rows_reproduce_the_fused_update(kind: str, sequence: bool) -> 
         assert (kernel - rows.before).abs().max() > 1e-3
         state = momentum[rows.table][rows.rows] if rows.table in momentum else None
         torch.testing.assert_close(fp32_update(rows, optimizer, state), kernel, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["robe", "tt_rec"])
+def test_recorded_batch_size_is_the_samples_not_the_distinct_lookups(method: str) -> None:
+    """ALPT scales its step gradient by 1 / sqrt(B d qmax), B the step's samples; a table whose
+    lookups hold one bag per distinct id or row reports the samples all the same."""
+    from embtab.methods import method_from_dict
+
+    pooled = tuple(FeatureSpec(name, 1000) for name in ("a", "b"))
+    spec = EmbeddingSpec(pooled, dim=16, method=method_from_dict({"name": method, **METHOD_SIZES[method]}))
+    tables = EmbeddingTables(spec)
+    dmp = embtab.fuse(tables, SparseOptimizer("sgd", lr=0.1))
+    touched = []
+    weights = physical_weights(tables)
+    RowRecorder(watched_collections(tables, set(weights)), weights, touched.extend, batch_from=tables)
+    ids = torch.randint(0, 20, (2 * 64,), generator=torch.Generator().manual_seed(0))  # 64 samples, <= 20 ids
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=["a", "b"], values=ids, lengths=torch.ones(128, dtype=torch.int64))
+    dmp(kjt).pooled.values().square().sum().backward()
+    assert touched and {t.batch_size for t in touched} == {64}
 
 
 def test_fp16_tables_train_through_fuse_and_checkpoints_round_trip() -> None:
@@ -296,7 +316,14 @@ def test_table_steps_set_each_tables_grid() -> None:
         LowPrecision(table_steps=(("user", 0.0),))
 
 
-METHOD_SIZES = {"hashing_trick": {"rows": 17}, "multi_hash": {"rows": 19}, "qr": {"collisions": 7}, "multiplex": {"rows": 41}}
+METHOD_SIZES = {
+    "hashing_trick": {"rows": 17},
+    "multi_hash": {"rows": 19},
+    "qr": {"collisions": 7},
+    "multiplex": {"rows": 41},
+    "robe": {"rows": 40},  # distinct ids
+    "tt_rec": {"rank": 2},  # distinct core rows, in the per-id and the sequence lookups
+}
 
 
 def method_spec(name: str, **settings) -> EmbeddingSpec:

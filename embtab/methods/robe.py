@@ -14,8 +14,8 @@ The benchmark (Hetu) uses ``Z = 1`` (one offset per vector, the default); the pa
 In the fused lookup the array is one torchrec table of ``rows`` rows of ``w`` floats, ``w`` the
 chunk length L rounded up to a multiple of 4 (fbgemm's widths): a read at offset ``o`` covers rows
 ``floor(o / w) + t`` (mod rows) for ``t < P = floor((L + 2w - 2) / w)`` (2 for ``L > 1``), enough
-for any ``o mod w``; `combine` takes the P rows side by side (a view of the fused lookup's output
-when each table has one feature), reads the L floats from ``o mod w`` on as one block and applies
+for any ``o mod w``; `combine` takes the P rows side by side (for a run of tables with one feature
+each, a view of the fused lookup's output), reads the L floats from ``o mod w`` on as one block and applies
 the signs. fbgemm's CPU kernels cost about the same per looked-up row whatever its width,
 so a chunk costs two lookups where the hashing trick's row costs one (offsets aligned to whole
 rows would make it one, but then no two ids share part of a block: the hashing trick with signs).
@@ -142,8 +142,7 @@ class ROBEMethod(TableMethod):
     def combine(self, vectors: list[torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
         rows = torch.stack([v.reshape(-1, self.width) for v in vectors], 1)  # [ids, probes, width]
         block = rows.reshape(rows.shape[0], 1, len(vectors), 1, self.width)
-        vectors = ROBERun([self]).combine(block, ids.reshape(-1, 1, 1))
-        return vectors.reshape(*ids.shape, -1)
+        return ROBERun([self]).combine(block, ids.reshape(-1, 1, 1)).reshape(*ids.shape, -1)
 
 
 class ROBERun:

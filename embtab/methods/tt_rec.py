@@ -14,7 +14,7 @@ physical table looked up by its digit: G1 ``n1 x (d1 r)``, G2 ``n2 x (r d2 r)``,
 reads only a few distinct rows of each core (at most ``n_j ~ n ** (1/3)``), so the method looks
 each of them up once (`distinct_rows`) and `combine_rows` multiplies ``G1[i1] G2[i2]`` once per
 pair of distinct first and middle rows, then by ``G3[i3]`` once per distinct id; `combine` is
-the same chain per id on rows looked up per id (the reference, and the path of exports). The
+the same chain on rows looked up per id (the plain form, which `combine_rows` must equal). The
 product is not linear in a bag, so pooled features are combined per id, then pooled
 (``pooling_commutes = False``). Parameters
 ``r (n1 d1 + r n2 d2 + n3 d3)`` (before padding); a table whose cores would not be smaller than
@@ -152,18 +152,18 @@ class TTRecMethod(TableMethod):
 
     def combine_rows(self, rows: list[torch.Tensor], index: list[torch.Tensor]) -> torch.Tensor:
         """The chain from each core's distinct rows: the products ``G1[i1] G2[i2]`` once per pair
-        of first and middle rows (`first_products`), then one ``[d1 d2, r] x [r, d3]`` product
+        of first and middle rows (`_first_products`), then one ``[d1 d2, r] x [r, d3]`` product
         per distinct id (its pair and last row), expanded to every id."""
         d3, r = self.factors[2], self.rank
         first, middle, last = (v[:, :w] for v, w in zip(rows, self.widths))
-        products, pair = self.first_products(first, middle, index[0], index[1])
+        products, pair = self._first_products(first, middle, index[0], index[1])
         lasts = last.shape[0]
         distinct, of_id = torch.unique(pair * lasts + index[2], return_inverse=True)
         left = products.index_select(0, torch.div(distinct, lasts, rounding_mode="floor"))
         out = torch.bmm(left, last.reshape(-1, r, d3).index_select(0, distinct % lasts))
         return out.reshape(-1, self.table.dim).index_select(0, of_id)
 
-    def first_products(
+    def _first_products(
         self, first: torch.Tensor, middle: torch.Tensor, i1: torch.Tensor, i2: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``G1[a] G2[b]`` as ``[pairs, d1 d2, r]`` and each id's pair: of every pair of distinct

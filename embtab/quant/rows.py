@@ -21,7 +21,8 @@ from torchrec import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 @dataclass(frozen=True)
 class TouchedRows:
     """One physical table's rows touched by a step (unique, ascending), their gradient summed over
-    the step's occurrences ``[U, dim]`` (fp32) and their values before the update ``[U, dim]``."""
+    the step's occurrences ``[U, dim]`` (fp32), their values before the update ``[U, dim]`` and
+    the step's batch size (samples)."""
 
     table: str
     rows: torch.Tensor
@@ -55,6 +56,9 @@ class RowRecorder:
             each table: ``[(module, {table: [keys]}), ...]``.
         weights: each watched table's fused weights (a writable view), by table name.
         on_update: called once per backward pass, after the fused update, with the touched rows.
+        batch_from: the module whose input's samples are the step's batch (the `EmbeddingTables`,
+            whose per-id lookups of distinct ids or rows hold fewer bags than the batch has
+            samples); by default each lookup's own number of bags.
 
     A step is one training forward (module in training mode, gradients enabled) and its backward;
     the latest forward's ids are the ones reported.
@@ -65,15 +69,22 @@ class RowRecorder:
         collections: list[tuple[nn.Module, dict[str, list[str]]]],
         weights: dict[str, torch.Tensor],
         on_update: Callable[[list[TouchedRows]], None],
+        batch_from: nn.Module | None = None,
     ) -> None:
         self.weights = weights
         self.on_update = on_update
         self._records: dict[int, list[_Record]] = {}
         self._queued = False
+        self._batch: int | None = None
         self.handles = [
             module.register_forward_hook(self._forward_hook(index, tables))
             for index, (module, tables) in enumerate(collections)
         ]
+        if batch_from is not None:
+            self.handles.append(batch_from.register_forward_pre_hook(self._note_batch))
+
+    def _note_batch(self, module: nn.Module, inputs: tuple) -> None:
+        self._batch = inputs[0].stride()
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -95,6 +106,7 @@ class RowRecorder:
     @torch.no_grad()
     def _record(self, kjt: KeyedJaggedTensor, tables: dict[str, list[str]]) -> list[_Record]:
         keys, stride = kjt.keys(), kjt.stride()
+        batch = stride if self._batch is None else self._batch
         lengths = kjt.lengths()
         key_of = torch.repeat_interleave(torch.arange(len(keys)), torch.tensor(kjt.length_per_key()))
         bag_of = torch.repeat_interleave(torch.arange(lengths.numel()) % max(stride, 1), lengths)
@@ -105,7 +117,7 @@ class RowRecorder:
             ids = kjt.values()[chosen].to(torch.int64)
             rows, inverse = torch.unique(ids, return_inverse=True)
             record = _Record(
-                table, ids, key_of[chosen], bag_of[chosen], keys, list(table_keys), stride, rows, inverse
+                table, ids, key_of[chosen], bag_of[chosen], keys, list(table_keys), batch, rows, inverse
             )
             record.before = self.weights[table][rows].float()
             records.append(record)

@@ -166,7 +166,11 @@ class LowPrecisionTraining:
                 step = self.state.step_of(name).unsqueeze(1)
                 weights[name].copy_(round_to_grid(weights[name], step, settings.qmin, settings.qmax))
         watched = set(self.quantized) | set(self.rounded)
-        self.recorder = RowRecorder(watched_collections(tables, watched), weights, self.on_update) if watched else None
+        self.recorder = (
+            RowRecorder(watched_collections(tables, watched), weights, self.on_update, batch_from=tables)
+            if watched
+            else None
+        )
 
     def on_update(self, touched: list[TouchedRows]) -> None:
         for rows in touched:
