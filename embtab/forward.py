@@ -322,14 +322,20 @@ def _distinct_vectors(pieces: list[Piece], distinct: DistinctRows, looked_up: Lo
 def _pool_one_id_rows(table: LogicalTable, combined: torch.Tensor, table_input: TableInput, stride: int) -> torch.Tensor:
     """Pool a table's combined one-id rows ``[ids, features, width]`` (row i of feature f is its
     i-th id) into its bags."""
-    per_feature = tuple(combined[:n, f] for f, n in enumerate(table_input.sizes))
+    per_feature = _per_feature_rows(combined, table_input.sizes)
     features = list(range(len(table_input.sizes)))
     return pool_per_id(table, torch.cat(per_feature), per_feature, table_input.lengths, stride, features)
 
 
+def _per_feature_rows(combined: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, ...]:
+    """Each feature's combined rows of a one-id block ``[ids, features, width]`` (row i of
+    feature f is its i-th id)."""
+    return tuple(combined[:n, f] for f, n in enumerate(sizes))
+
+
 def _one_id_rows(combined: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     """A table's combined one-id rows ``[ids, features, width]`` in input order ``[n, width]``."""
-    per_feature = [combined[:n, f] for f, n in enumerate(sizes)]
+    per_feature = _per_feature_rows(combined, sizes)
     return torch.cat(per_feature) if len(per_feature) > 1 else per_feature[0]
 
 

@@ -204,7 +204,7 @@ class Setting:
     budgets: list[str]
 
     def folder(self, cell: Cell) -> Path:
-        return self.out / "cells" / cell.name
+        return cell_folder(self.out, cell)
 
     def config(self, cell: Cell) -> dict[str, Any]:
         """The experiments.ctr config of `cell`, with the sweep's threads."""
@@ -410,8 +410,13 @@ def config_full_bytes(base: dict[str, Any]) -> int:
     return full_table_bytes(embedding_spec(embedding, splits, optimizer), optimizer)
 
 
+def cell_folder(out: Path, cell: Cell) -> Path:
+    """Where a sweep in `out` keeps `cell`'s files."""
+    return out / "cells" / cell.name
+
+
 def finished(out: Path, cell: Cell) -> list[dict[str, Any]] | None:
-    path = out / "cells" / cell.name / RESULT
+    path = cell_folder(out, cell) / RESULT
     return json.loads(path.read_text()) if path.exists() else None
 
 
@@ -428,8 +433,9 @@ def sweep(
 ) -> pl.DataFrame:
     budgets = budgets or sorted({c.budget for c in cells if c.budget != ALL_BUDGETS})
     setting = Setting(base, config_full_bytes(base), params, out, threads, hot_share, budgets)
-    rows = [r for c in cells for r in (finished(out, c) or [])]
-    todo = [c for c in cells if finished(out, c) is None]
+    done = {c: finished(out, c) for c in cells}
+    rows = [r for c in cells for r in (done[c] or [])]
+    todo = [c for c in cells if done[c] is None]
     progress = tqdm(
         total=len(cells), initial=len(cells) - len(todo), unit="cell", desc="sweep", disable=not is_writer()
     )

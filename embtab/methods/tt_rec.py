@@ -157,10 +157,8 @@ class TTRecMethod(TableMethod):
         d3, r = self.factors[2], self.rank
         first, middle, last = (v[:, :w] for v, w in zip(rows, self.widths))
         products, pair = self._first_products(first, middle, index[0], index[1])
-        lasts = last.shape[0]
-        distinct, of_id = torch.unique(pair * lasts + index[2], return_inverse=True)
-        left = products.index_select(0, torch.div(distinct, lasts, rounding_mode="floor"))
-        out = torch.bmm(left, last.reshape(-1, r, d3).index_select(0, distinct % lasts))
+        pairs, lasts, of_id = distinct_pairs(pair, index[2], last.shape[0])
+        out = torch.bmm(products.index_select(0, pairs), last.reshape(-1, r, d3).index_select(0, lasts))
         return out.reshape(-1, self.table.dim).index_select(0, of_id)
 
     def _first_products(
@@ -171,12 +169,18 @@ class TTRecMethod(TableMethod):
         as ids (a batch of a table with small cores), else of the pairs the ids use."""
         d1, d2, _ = self.factors
         r, u1, u2 = self.rank, first.shape[0], middle.shape[0]
-        keys = i1 * u2 + i2
-        if u1 * u2 <= 2 * keys.numel():
+        if u1 * u2 <= 2 * i1.numel():
             columns = middle.reshape(u2, r, d2 * r).transpose(0, 1).reshape(r, u2 * d2 * r)
             products = (first.reshape(u1 * d1, r) @ columns).reshape(u1, d1, u2, d2 * r)
-            return products.transpose(1, 2).reshape(u1 * u2, d1 * d2, r), keys
-        pairs, pair = torch.unique(keys, return_inverse=True)
-        a = first.reshape(u1, d1, r).index_select(0, torch.div(pairs, u2, rounding_mode="floor"))
-        b = middle.reshape(u2, r, d2 * r).index_select(0, pairs % u2)
+            return products.transpose(1, 2).reshape(u1 * u2, d1 * d2, r), i1 * u2 + i2
+        firsts, middles, pair = distinct_pairs(i1, i2, u2)
+        a = first.reshape(u1, d1, r).index_select(0, firsts)
+        b = middle.reshape(u2, r, d2 * r).index_select(0, middles)
         return torch.bmm(a, b).reshape(-1, d1 * d2, r), pair
+
+
+def distinct_pairs(a: torch.Tensor, b: torch.Tensor, b_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The distinct pairs ``(a[i], b[i])`` (``b`` below `b_size`) as their first and second
+    members, and each i's pair among them."""
+    pairs, of_pair = torch.unique(a * b_size + b, return_inverse=True)
+    return torch.div(pairs, b_size, rounding_mode="floor"), pairs % b_size, of_pair
